@@ -1,0 +1,54 @@
+"""The one interface both backends (`backend_hf.HFBackend`, `backend_tlens.TLensBackend`) provide.
+
+Later stages (SAE evaluation, interventions) talk only to this interface:
+
+- `tokenize(texts)` -> `Batch` with token ids, attention mask and each token's character span;
+- `hidden_states(batch, layers)` -> residual stream after each requested block, stopping the forward
+  pass after the deepest one (no later blocks, no unembedding);
+- `logits(batch, edits)` -> next-token logits with optional edit functions applied to the residual
+  stream after given blocks (injection, patching, SAE splicing all go through this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+"""Maps the residual stream `[batch, seq, d_model]` after a block to its replacement (same shape)."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    """[batch, seq] token ids, right-padded, BOS first where the model uses one."""
+    attention_mask: torch.Tensor
+    """[batch, seq] 1 for real tokens, 0 for padding."""
+    offsets: torch.Tensor
+    """[batch, seq, 2] character span (start, end) of each token in its text; (-1, -1) for BOS and padding."""
+    texts: list[str]
+
+    @property
+    def is_content(self) -> torch.Tensor:
+        """[batch, seq] bool: a real text token (not BOS, not padding)."""
+        return self.offsets[..., 1] >= 0
+
+
+class Backend(Protocol):
+    name: str
+    n_layers: int
+    d_model: int
+    has_bos: bool
+    """The model's tokenizer puts a BOS token first (Gemma does, SmolLM2 does not)."""
+
+    def tokenize(self, texts: list[str], max_ctx: int) -> Batch: ...
+
+    def hidden_states(self, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+        """`{layer: [batch, seq, d_model]}` residual stream after block `layer`, float32."""
+        ...
+
+    def logits(self, batch: Batch, edits: dict[int, Edit] | None = None) -> torch.Tensor:
+        """`[batch, seq, vocab]` logits, with `edits[layer]` applied after block `layer`."""
+        ...

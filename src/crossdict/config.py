@@ -1,0 +1,271 @@
+"""Run configuration: plain dataclasses loaded from YAML and validated before any heavy work.
+
+One YAML file describes a whole run (models, layers, corpus, SAE, alignment, transfer). Every
+mistake we can see without loading a model fails here, naming the key, the bad value and what
+is allowed: an unknown or misspelled key, a wrong type, an out-of-range number. Layer indices
+are checked against the model's depth later, in `models.check_layers`, once the model's
+config is known (that needs no weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, misspelled, of the wrong type or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    name: str
+    """Packaged name (`smollm2-135m`, `gemma3-270m`), hub id, local HF directory or `.gguf` file."""
+    layers: list[int]
+    """Residual-stream layers to keep: output of block L (`blocks.L.hook_resid_post`)."""
+    backend: Literal["hf", "tlens"] = "hf"
+    max_ctx: int = 128
+    """Tokens per passage, BOS included."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class CorpusConfig:
+    source: str = "builtin:pydocs"
+    """`builtin:pydocs`, `hf:<dataset>/<config>:<split>`, a `.txt`/`.jsonl` file or a directory of them."""
+    max_passages: int = 2000
+    passage_chars: int = 1200
+    """Target passage length before truncation to both tokenizers' max_ctx; cut at whitespace."""
+    heldout_fraction: float = 0.2
+    text_field: str = "text"
+    """Field holding the text in `.jsonl` and HF datasets."""
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 16
+    shard_passages: int = 128
+    """Passages per on-disk shard; extraction resumes shard by shard."""
+    store_dtype: Literal["float32", "float16"] = "float32"
+    pairing: Literal["end_offset", "word_final"] = "end_offset"
+
+
+@dataclass
+class SAEConfig:
+    architecture: Literal["topk", "batchtopk", "l1"] = "topk"
+    expansion_factor: int = 8
+    k: int = 32
+    l1_coefficient: float = 5.0
+    l1_warmup_steps: int = 200
+    aux_k: int = 256
+    aux_coefficient: float = 1 / 32
+    dead_tokens_threshold: int = 100_000
+    lr: float = 4e-4
+    lr_warmup_steps: int = 100
+    lr_decay_fraction: float = 0.2
+    batch_size: int = 4096
+    train_tokens: int = 2_000_000
+    checkpoint_every: int = 200
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class AlignConfig:
+    methods: list[str] = field(default_factory=lambda: ["procrustes", "svcca", "ridge"])
+    ridge_alpha: float = 1.0
+    svcca_variance: float = 0.99
+    n_bootstrap: int = 200
+    n_null: int = 200
+    retrieval_candidates: int = 1000
+    top_k_overlap: int = 8
+    q_threshold: float = 0.05
+
+
+@dataclass
+class TransferConfig:
+    n_features: int = 8
+    alphas: list[float] = field(default_factory=lambda: [0.0, 2.0, 5.0, 10.0])
+    n_random_controls: int = 32
+    n_passages: int = 32
+
+
+@dataclass
+class RunConfig:
+    model_a: ModelConfig
+    model_b: ModelConfig
+    run_name: str = "default"
+    seed: int = 0
+    output_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    @property
+    def layer_pairs(self) -> list[tuple[int, int]]:
+        """Configured (layer of A, layer of B) pairs, by position in the two `layers` lists."""
+        return list(zip(self.model_a.layers, self.model_b.layers))
+
+    def model(self, key: str) -> ModelConfig:
+        if key not in ("a", "b"):
+            raise KeyError(f"model key must be 'a' or 'b', got {key!r}")
+        return self.model_a if key == "a" else self.model_b
+
+    def model_slug(self, key: str) -> str:
+        """Filesystem-safe model name: `EleutherAI/pythia-70m` -> `EleutherAI__pythia-70m`."""
+        name = self.model(key).name
+        return Path(name).stem.replace("/", "__") if name.endswith(".gguf") else name.replace("/", "__").strip("._")
+
+    def sae_dir(self, key: str, layer: int, seed: int | None = None) -> Path:
+        """`runs/<name>/saes/<model>/blocks.L.hook_resid_post/`; seeds after the first get `.seed<s>`."""
+        seed = self.sae.seeds[0] if seed is None else seed
+        suffix = "" if seed == self.sae.seeds[0] else f".seed{seed}"
+        return self.run_dir / "saes" / self.model_slug(key) / f"blocks.{layer}.hook_resid_post{suffix}"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.run_dir / "cache"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.run_dir / "report"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some top-level sections; a stage's outputs are valid while it is unchanged."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Value checks that types alone cannot express: (predicate, what is allowed).
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "max_ctx": (lambda v: v >= 4, "an integer >= 4"),
+    "max_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "passage_chars": (lambda v: v >= 16, "an integer >= 16"),
+    "heldout_fraction": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "shard_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "expansion_factor": (lambda v: v >= 1, "an integer >= 1"),
+    "k": (lambda v: v >= 1, "an integer >= 1"),
+    "l1_coefficient": (lambda v: v >= 0, "a number >= 0"),
+    "lr": (lambda v: v > 0, "a number > 0"),
+    "train_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "ridge_alpha": (lambda v: v >= 0, "a number >= 0"),
+    "svcca_variance": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "n_bootstrap": (lambda v: v >= 0, "an integer >= 0"),
+    "n_null": (lambda v: v >= 0, "an integer >= 0"),
+    "n_random_controls": (lambda v: v >= 1, "an integer >= 1"),
+    "layers": (lambda v: len(v) >= 1 and all(x >= 0 for x in v), "a non-empty list of layer indices >= 0"),
+}
+
+
+def _check_value(path: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed; expected one of {list(allowed)}")
+        return value
+    if origin in (list,):
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_value(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_value(path, value, args[0])
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: Any, path: str = "") -> Any:
+    prefix = f"{path}." if path else ""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required config key {prefix}{name!r}")
+            continue
+        value = _check_value(prefix + name, data[name], hints[name])
+        check = _RANGES.get(name)
+        if check is not None and value is not None and not check[0](value):
+            raise ConfigError(f"{prefix}{name}: {value!r} is out of range; expected {check[1]}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data)
+    if len(cfg.model_a.layers) != len(cfg.model_b.layers):
+        raise ConfigError(
+            f"model_a.layers {cfg.model_a.layers} and model_b.layers {cfg.model_b.layers} must have the same "
+            "length: layers are paired by position"
+        )
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config; `overrides` maps dotted keys (`sae.k`) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
