@@ -52,3 +52,14 @@ class Backend(Protocol):
     def logits(self, batch: Batch, edits: dict[int, Edit] | None = None) -> torch.Tensor:
         """`[batch, seq, vocab]` logits, with `edits[layer]` applied after block `layer`."""
         ...
+
+
+def load_backend(name: str, backend: str = "hf", dtype: str = "float32", device: str = "cpu") -> Backend:
+    """Load model `name` behind the named backend (`hf` or `tlens`)."""
+    if backend == "tlens":
+        from .backend_tlens import TLensBackend
+
+        return TLensBackend.load(name, dtype, device)
+    from .backend_hf import HFBackend
+
+    return HFBackend.load(name, dtype, device)

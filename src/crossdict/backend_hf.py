@@ -1,0 +1,153 @@
+"""Hugging Face backend: any transformers causal LM (GPT-2, GPT-NeoX, Llama, Gemma-3) via forward hooks.
+
+The residual stream after block L is the output of decoder block L, the same tensor TransformerLens
+calls `blocks.L.hook_resid_post` (and `output_hidden_states[L + 1]` for every block but the last,
+whose HF hidden state already has the final norm applied).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .backend import Batch, Edit
+from .models import load_hf
+
+
+class _StopForward(Exception):
+    """Raised from the deepest requested block's hook: nothing after it needs computing."""
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of a causal LM, whatever the architecture calls it."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "model.language_model.layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():  # fallback: the first ModuleList as long as the model is deep
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def _out_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_out(output, new: torch.Tensor):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def tokenize_batch(tokenizer, texts: list[str], max_ctx: int) -> Batch:
+    """Tokenize with the model's own special-token convention; BOS/padding get offsets (-1, -1)."""
+    enc = tokenizer(
+        texts,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        truncation=True,
+        max_length=max_ctx,
+        padding=True,
+        return_tensors="pt",
+    )
+    offsets = enc["offset_mapping"].clone()
+    not_content = enc["special_tokens_mask"].bool() | ~enc["attention_mask"].bool()
+    offsets[not_content] = -1
+    return Batch(enc["input_ids"], enc["attention_mask"], offsets, list(texts))
+
+
+def prepare_tokenizer(tokenizer):
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class HFBackend:
+    """Backend over a transformers model held in memory (see `backend.Backend`)."""
+
+    def __init__(self, model: nn.Module, tokenizer, name: str = "model", device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.name = name
+        self.device = torch.device(device)
+        self.blocks = decoder_blocks(model)
+        self.n_layers = len(self.blocks)
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.d_model = cfg.hidden_size
+        self.has_bos = bool(tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else False
+        self.info: dict = {}
+
+    @classmethod
+    def load(cls, name: str, dtype: str = "float32", device: str = "cpu") -> "HFBackend":
+        model, tok, info = load_hf(name, getattr(torch, dtype))
+        backend = cls(model, tok, name, device)
+        backend.info = info
+        return backend
+
+    def tokenize(self, texts: list[str], max_ctx: int) -> Batch:
+        return tokenize_batch(self.tokenizer, texts, max_ctx)
+
+    def _check(self, layers) -> None:
+        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for {self.name}, which has {self.n_layers} layers")
+
+    @contextlib.contextmanager
+    def _hooks(self, hooks: dict[int, callable]) -> Iterator[None]:
+        handles = [self.blocks[layer].register_forward_hook(fn) for layer, fn in hooks.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _forward(self, batch: Batch):
+        return self.model(
+            input_ids=batch.input_ids.to(self.device),
+            attention_mask=batch.attention_mask.to(self.device),
+            use_cache=False,
+        )
+
+    @torch.inference_mode()
+    def hidden_states(self, batch: Batch, layers: list[int]) -> dict[int, torch.Tensor]:
+        self._check(layers)
+        captured: dict[int, torch.Tensor] = {}
+        deepest = max(layers)
+
+        def make_hook(layer: int):
+            def hook(module, args, output):
+                captured[layer] = _out_tensor(output).float()
+                if layer == deepest:
+                    raise _StopForward
+
+            return hook
+
+        with self._hooks({layer: make_hook(layer) for layer in set(layers)}):
+            try:
+                self._forward(batch)
+            except _StopForward:
+                pass
+        return {layer: captured[layer] for layer in layers}
+
+    @torch.inference_mode()
+    def logits(self, batch: Batch, edits: dict[int, Edit] | None = None) -> torch.Tensor:
+        edits = edits or {}
+        self._check(list(edits))
+
+        def make_hook(fn: Edit):
+            def hook(module, args, output):
+                x = _out_tensor(output)
+                return _replace_out(output, fn(x).to(x.dtype))
+
+            return hook
+
+        with self._hooks({layer: make_hook(fn) for layer, fn in edits.items()}):
+            return self._forward(batch).logits.float()
