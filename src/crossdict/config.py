@@ -221,7 +221,7 @@ def _build(cls: type, data: Any, path: str = "") -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; allowed keys: {sorted(fields)}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}; allowed keys: {sorted(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
