@@ -202,6 +202,10 @@ class SAE(nn.Module):
         w = torch.randn(self.d_sae, self.d_in, generator=generator, device=self.W_dec.device)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec)
+        if self.spec.architecture == "l1":
+            # ReLU codes start dense; a small encoder keeps the initial L1 term from swamping the MSE
+            # (cf. the 0.1 "heuristic" init of Anthropic's April 2024 update, used by SAELens).
+            self.W_enc.mul_(0.1)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
