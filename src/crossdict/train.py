@@ -142,7 +142,10 @@ def input_scale_and_mean(acts: Rows, rows: np.ndarray, seed: int) -> tuple[float
     """Fixed input scale s with mean ||s x||^2 = d_in, and the scaled data mean (for b_dec init)."""
     sample = np.sort(np.random.default_rng([seed, 2**31]).permutation(rows)[:SCALE_SAMPLE_ROWS])
     x = acts.take(sample).astype(np.float64)
-    _check_finite(x, "input-scale estimation sample")
+    # Non-finite rows are left out here; the training loop stops on them, naming the step.
+    x = x[np.isfinite(x).all(1)]
+    if len(x) == 0:
+        raise FloatingPointError("every sampled activation row holds NaN/inf; the activation cache is corrupt")
     sq = float((x**2).sum(1).mean())
     if sq <= 0:
         raise ValueError("all sampled activations are zero; cannot train an SAE on them")
