@@ -122,6 +122,11 @@ def _sparse_t_matmul(idx: Tensor, vals: Tensor, y: Tensor, n_rows: int) -> Tenso
     return torch.sparse.mm(g_t, y)
 
 
+def _dense_is_cheaper(m: int, n_latents: int) -> bool:
+    """Gathers are memory-bound: on CPU a dense [n, n_latents] matmul wins once m > n_latents / 64 (measured)."""
+    return m * 64 > n_latents
+
+
 class _SparseEncode(torch.autograd.Function):
     """Pick pre-activations `pre[r, idx[r, j]]` with a backward that touches only those latents.
 
@@ -138,6 +143,9 @@ class _SparseEncode(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight, idx = ctx.saved_tensors
         grad = grad.contiguous()
+        if _dense_is_cheaper(idx.shape[1], weight.shape[0]):
+            g = grad.new_zeros(grad.shape[0], weight.shape[0]).scatter_(1, idx, grad)  # [n, d_sae]
+            return g @ weight, g.T @ x, g.sum(0), None, None
         grad_x = F.embedding_bag(idx, weight, mode="sum", per_sample_weights=grad)
         grad_w = _sparse_t_matmul(idx, grad, x, weight.shape[0])
         grad_b = torch.zeros(weight.shape[0], dtype=grad.dtype, device=grad.device).index_add_(0, idx.reshape(-1), grad.reshape(-1))
@@ -156,6 +164,9 @@ class _SparseDecode(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         idx, vals, weight = ctx.saved_tensors
         grad = grad.contiguous()
+        if _dense_is_cheaper(idx.shape[1], weight.shape[0]):
+            codes = vals.new_zeros(vals.shape[0], weight.shape[0]).scatter_(1, idx, vals)  # [n, d_sae]
+            return None, (grad @ weight.T).gather(1, idx), codes.T @ grad
         grad_vals = None
         if ctx.needs_input_grad[1]:
             # <W_dec[idx[r, j]], grad[r]>, gathered in chunks so [chunk, m, d_in] stays in cache.
@@ -289,26 +300,26 @@ class SAE(nn.Module):
         with torch.no_grad():
             pre = F.linear(sae_in, self.W_enc, self.b_enc)
             idx, keep = self._select(pre, train)
-            aux_idx = None
-            n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
-            if train and n_dead > 0:
-                # AuxK (Gao et al. 2024 §A.2): top aux_k dead latents model the residual error.
-                k_aux = min(self.spec.aux_k, n_dead)
-                _, aux_idx = pre.masked_fill(~dead_mask, float("-inf")).topk(k_aux, dim=-1, sorted=False)
-        m = idx.shape[1]
-        all_idx = idx if aux_idx is None else torch.cat([idx, aux_idx], 1)
+            n_dead = int(dead_mask.sum()) if train and dead_mask is not None else 0
+            if n_dead:
+                # AuxK (Gao et al. 2024 §A.2): the top aux_k *dead* latents model the residual error.
+                # Work on the dead columns only, so the cost scales with how many latents are dead.
+                dead_ids = dead_mask.nonzero().squeeze(1)
+                pre_dead = pre[:, dead_ids]
+                aux_idx = pre_dead.topk(min(self.spec.aux_k, n_dead), dim=-1, sorted=False).indices
         if train:
-            picked = _SparseEncode.apply(sae_in, self.W_enc, self.b_enc, all_idx, pre).relu()
+            picked = _SparseEncode.apply(sae_in, self.W_enc, self.b_enc, idx, pre).relu()
         else:
-            picked = pre.gather(1, all_idx).relu()
-        acts = picked[:, :m] if keep is None else picked[:, :m] * keep
+            picked = pre.gather(1, idx).relu()
+        acts = picked if keep is None else picked * keep
         out = _SparseDecode.apply(idx, acts, self.W_dec) + self.b_dec
         err = (out - target).pow(2).sum()
         fvu = err / total_var
         auxk = zero
-        if aux_idx is not None:
+        if n_dead:
             resid = (target - out).detach()
-            e_hat = _SparseDecode.apply(aux_idx, picked[:, m:], self.W_dec)
+            aux_acts = _SparseEncode.apply(sae_in, self.W_enc[dead_ids], self.b_enc[dead_ids], aux_idx, pre_dead).relu()
+            e_hat = _SparseDecode.apply(aux_idx, aux_acts, self.W_dec[dead_ids])  # no bias: b_dec is in resid
             scale = min(n_dead / self.spec.aux_k, 1.0)  # fewer dead latents -> smaller loss (sparsify)
             auxk = scale * (e_hat - resid).pow(2).sum() / (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
         loss = fvu + self.spec.aux_coefficient * auxk
