@@ -115,10 +115,15 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2, help="runs per trainer, interleaved; the fastest counts "
+                   "(this machine's CPU time is shared, so single timings are noisy)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--skip-sae-lens", action="store_true")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TQDM_DISABLE", "1")  # SAELens's progress bar
@@ -145,12 +150,16 @@ def main() -> None:
           f"torch threads={torch.get_num_threads()}, load avg={os.getloadavg()[0]:.2f}")
 
     peak = matmul_peak_gflops()
-    t_ours, ours = run_ours(x, rows, cfg)
-    fvu_ours = fvu(ours.reconstruct, held_x)
+    t_ours = t_sl = float("inf")
+    for _ in range(a.repeats):  # interleaved, so both see the same background load
+        t, ours = run_ours(x, rows, cfg)
+        t_ours = min(t_ours, t)
+        if not a.skip_sae_lens:
+            t, sl = run_sae_lens(x, rows, cfg, d_in)
+            t_sl = min(t_sl, t)
     flops = 12 * tokens * d_in * d_in * a.expansion
-    res = {"ours": (tokens / t_ours, fvu_ours)}
+    res = {"ours": (tokens / t_ours, fvu(ours.reconstruct, held_x))}
     if not a.skip_sae_lens:
-        t_sl, sl = run_sae_lens(x, rows, cfg, d_in)
         sl.eval()
         res["SAELens SAETrainer"] = (tokens / t_sl, fvu(sl, held_x))
 

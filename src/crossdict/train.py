@@ -452,11 +452,14 @@ CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "
                "train_tokens", "wall_s"]
 
 
-def _lm_batches(cfg: RunConfig, key: str, backend: Backend, n_passages: int = 32) -> list[Batch]:
-    """Held-out corpus passages, tokenized by `backend`, for the LM-loss evaluation."""
-    from .corpus import is_heldout, passages  # owned by the extraction stage
+def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None = None,
+                n_passages: int = 32) -> list[Batch]:
+    """Held-out corpus passages (or `texts`), tokenized by `backend`, for the LM-loss evaluation."""
+    if texts is None:
+        from .corpus import is_heldout, passages  # owned by the extraction stage
 
-    texts = [p for p in passages(cfg.corpus) if is_heldout(p, cfg.corpus.heldout_fraction)][:n_passages]
+        texts = [p for p in passages(cfg.corpus) if is_heldout(p, cfg.corpus.heldout_fraction)]
+    texts = texts[:n_passages]
     bs = cfg.extract.batch_size
     return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
 
@@ -468,11 +471,13 @@ def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
 
 
 def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = False,
-              backends: dict | None = None, progress: bool = True) -> list[dict]:
+              backends: dict | None = None, progress: bool = True, lm_texts: list[str] | None = None) -> list[dict]:
     """Train, save and evaluate every configured (model, layer, seed) SAE; write `report/sae_metrics.csv`.
 
     SAEs whose directory is complete and whose saved fingerprint (SAE config, seed, model, layer,
-    cache manifest) matches are reused, not retrained. Without `backends` the LM-loss columns stay empty.
+    cache manifest) matches are reused, not retrained. Without `backends` the LM-loss columns stay
+    empty; with them, the LM loss is measured on `lm_texts` (default: the first 32 held-out corpus
+    passages, via `crossdict.corpus`).
     """
     cache = ActivationCache(cfg.cache_dir)
     seeds = list(seeds if seeds is not None else cfg.sae.seeds)
@@ -501,7 +506,7 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
                     atomic_write_json(out_dir / METRICS_FILE, metrics)
                 if backends is not None and "loss_sae" not in metrics:
                     sae = load_sae(out_dir)
-                    metrics.update(lm_loss_recovered(backends[key], sae, layer, _lm_batches(cfg, key, backends[key])))
+                    metrics.update(lm_loss_recovered(backends[key], sae, layer, _lm_batches(cfg, key, backends[key], lm_texts)))
                     atomic_write_json(out_dir / METRICS_FILE, metrics)
                 row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
                        "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
