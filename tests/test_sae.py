@@ -549,3 +549,36 @@ def test_run_train_with_backends_fills_lm_loss_columns(tmp_path):
         assert 0.5 < r["frac_recovered_zero"] < 1.5 and 0.5 < r["frac_recovered_mean"] < 1.5
     csv_rows = (cfg.report_dir / "sae_metrics.csv").read_text().splitlines()
     assert all(",," not in line for line in csv_rows[1:])  # every column filled
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    cfg = small_cfg(lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.2)
+    lrs = [train_mod.lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == 1.0 and lrs[50] == 1.0 and lrs[79] == 1.0
+    assert lrs[80] == 1.0 and lrs[90] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(scale_exp=st.floats(-3, 3), arch=st.sampled_from(["l1", "topk", "batchtopk"]), seed=st.integers(0, 2**16))
+def test_saved_sae_encodes_raw_activations_like_the_original(tmp_path_factory, scale_exp, arch, seed):
+    torch.manual_seed(seed)
+    s = 10.0**scale_exp
+    sae = SAE(SAESpec(arch, 12, 48, k=3, input_scale=s))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(0, 0.3)
+        sae.threshold.fill_(0.1)
+    path = tmp_path_factory.mktemp("rt")
+    save_sae(sae, path)
+    back = load_sae(path)
+    x = torch.randn(64, 12) / s  # raw activations at the scale the SAE was fitted to
+    c0, c1 = sae.encode(x), back.encode(x)
+    same_support = (c0 > 0) == (c1 > 0)
+    assert same_support.float().mean() > 0.99  # a value sitting exactly on a threshold may flip
+    assert torch.allclose(c0 * same_support, c1 * same_support, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(sae.decode(c0), back.decode(c0), rtol=1e-5, atol=1e-5 / s)
