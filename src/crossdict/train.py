@@ -500,6 +500,8 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
                 if metrics is None:
                     meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
                             "context_size": cfg.model(key).max_ctx, "fingerprint": fp}
+                    if backends is not None:
+                        meta["prepend_bos"] = bool(backends[key].has_bos)
                     sae = train_sae(acts, train_rows, cfg.sae, seed, out_dir, resume, progress, metadata=meta)
                     metrics = evaluate_sae(sae, acts, held_rows)
                     metrics["train_wall_s"] = time.perf_counter() - t0
