@@ -129,7 +129,7 @@ def main() -> None:
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2, help="runs per trainer, interleaved; the fastest counts "
                    "(this machine's CPU time is shared, so single timings are noisy)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
