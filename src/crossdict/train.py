@@ -1,0 +1,540 @@
+"""SAE stage: train one SAE per (model, layer, seed) on cached activations, evaluate, report.
+
+    cache (memmapped shards) --seeded shuffled batches--> train_sae --> runs/<name>/saes/<model>/<hook>/
+        cfg.json + sae_weights.safetensors   SAELens format (`sae_lens.SAE.load_from_disk` works)
+        crossdict.json                       our spec: input scale, seed, training config
+        training_log.jsonl                   step, fvu, l0, dead_frac, lr, ...
+        metrics.json                         held-out FVU, L0, dead/dense fractions (+ LM loss)
+    --> runs/<name>/report/sae_metrics.csv
+
+Training is deterministic on CPU for a given seed: batch b of the run is a pure function of
+(seed, b) (a seeded permutation per epoch), and a checkpoint holds every other piece of state
+(weights, Adam moments, dead-latent counters, the torch RNG), so `resume=True` reproduces an
+uninterrupted run bit for bit. Checkpoints are one safetensors file (tensors + a JSON header),
+written atomically; no pickles anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .backend import Backend, Batch
+from .cache import ActivationCache, hook_name
+from .config import RunConfig, SAEConfig
+from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
+from .utils import atomic_path, atomic_write_json, atomic_write_text, read_json
+
+CKPT_FILE = "checkpoint.safetensors"
+CKPT_FORMAT = "crossdict-sae-checkpoint"
+LOG_FILE = "training_log.jsonl"
+METRICS_FILE = "metrics.json"
+SCALE_SAMPLE_ROWS = 16384
+LOG_EVERY = 10
+DENSE_THRESHOLD = 0.1
+"""A latent firing on more than this fraction of held-out tokens counts as dense."""
+
+
+class Rows(Protocol):
+    """Anything with `.take(rows) -> float32 [len(rows), d]` and `.shape`; `ShardedArray` is one."""
+
+    shape: tuple[int, int]
+
+    def take(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or belongs to another run; it is left untouched."""
+
+
+# --- config checks ------------------------------------------------------------------------------
+
+
+def validate_sae_config(cfg: SAEConfig, d_in: int, n_rows: int | None = None) -> None:
+    """Fail before any work on values the SAE cannot train with, naming the field and the value."""
+    d_sae = d_in * cfg.expansion_factor
+    checks: list[tuple[bool, str]] = [
+        (cfg.architecture in ("topk", "batchtopk", "l1"), f"sae.architecture {cfg.architecture!r} is not one of ['topk', 'batchtopk', 'l1']"),
+        (cfg.expansion_factor >= 1, f"sae.expansion_factor must be >= 1, got {cfg.expansion_factor}"),
+        (cfg.architecture == "l1" or 1 <= cfg.k <= d_sae, f"sae.k={cfg.k} must be between 1 and d_sae={d_sae} (d_in {d_in} x expansion_factor {cfg.expansion_factor})"),
+        (cfg.l1_coefficient >= 0, f"sae.l1_coefficient (lambda) must be >= 0, got {cfg.l1_coefficient}"),
+        (cfg.l1_warmup_steps >= 0, f"sae.l1_warmup_steps must be >= 0, got {cfg.l1_warmup_steps}"),
+        (cfg.aux_k >= 1, f"sae.aux_k must be >= 1, got {cfg.aux_k}"),
+        (cfg.aux_coefficient >= 0, f"sae.aux_coefficient must be >= 0, got {cfg.aux_coefficient}"),
+        (cfg.dead_tokens_threshold >= 1, f"sae.dead_tokens_threshold must be >= 1, got {cfg.dead_tokens_threshold}"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"sae.lr must be a positive number, got {cfg.lr}"),
+        (cfg.lr_warmup_steps >= 0, f"sae.lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}"),
+        (0 <= cfg.lr_decay_fraction <= 1, f"sae.lr_decay_fraction must be in [0, 1], got {cfg.lr_decay_fraction}"),
+        (cfg.batch_size >= 1, f"sae.batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.train_tokens >= cfg.batch_size, f"sae.train_tokens={cfg.train_tokens} is less than one batch (sae.batch_size={cfg.batch_size})"),
+        (cfg.checkpoint_every >= 1, f"sae.checkpoint_every must be >= 1, got {cfg.checkpoint_every}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if n_rows is not None and n_rows < 1:
+        raise ValueError("no training rows: the activation cache has no tokens in the train split")
+
+
+def _config_dict(cfg: SAEConfig) -> dict[str, Any]:
+    """The SAE config fields that determine a trained SAE (seeds select, they do not determine)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("seeds", None)
+    return d
+
+
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Batch b = positions [b*B, (b+1)*B) of an endless stream of seeded per-epoch permutations of `rows`.
+
+    A pure function of (seed, b): resuming needs only the step number, no RNG state.
+    """
+
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int):
+        self.rows, self.batch_size, self.seed = np.asarray(rows, np.int64), batch_size, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = self.rows[np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))]
+        return self._perms[epoch]
+
+    def __call__(self, step: int) -> np.ndarray:
+        n = len(self.rows)
+        pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        epochs, offsets = np.divmod(pos, n)
+        out = np.empty_like(pos)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[offsets[sel]]
+        return out
+
+
+def _check_finite(x: np.ndarray, where: str) -> None:
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise FloatingPointError(f"{where}: {bad} non-finite activation values (NaN/inf) in {x.shape[0]} rows; "
+                                 "the activation cache is corrupt or the model overflowed (try float32 extraction)")
+
+
+def input_scale_and_mean(acts: Rows, rows: np.ndarray, seed: int) -> tuple[float, np.ndarray]:
+    """Fixed input scale s with mean ||s x||^2 = d_in, and the scaled data mean (for b_dec init)."""
+    sample = np.sort(np.random.default_rng([seed, 2**31]).permutation(rows)[:SCALE_SAMPLE_ROWS])
+    x = acts.take(sample).astype(np.float64)
+    # Non-finite rows are left out here; the training loop stops on them, naming the step.
+    x = x[np.isfinite(x).all(1)]
+    if len(x) == 0:
+        raise FloatingPointError("every sampled activation row holds NaN/inf; the activation cache is corrupt")
+    sq = float((x**2).sum(1).mean())
+    if sq <= 0:
+        raise ValueError("all sampled activations are zero; cannot train an SAE on them")
+    scale = math.sqrt(x.shape[1] / sq)
+    return scale, (x.mean(0) * scale).astype(np.float32)
+
+
+def lr_at(step: int, n_steps: int, cfg: SAEConfig) -> float:
+    """Linear warm-up over `lr_warmup_steps`, constant, linear decay to 0 over the last `lr_decay_fraction`."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps > 0 else 1.0
+    decay_steps = int(n_steps * cfg.lr_decay_fraction)
+    decay_start = n_steps - decay_steps
+    decay = 1.0 if step < decay_start or decay_steps == 0 else (n_steps - step) / decay_steps
+    return cfg.lr * min(warm, decay)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, header: dict) -> None:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in sae.state_dict().items()}
+    opt_state = opt.state_dict()
+    for i, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = v.detach().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    tensors["tokens_since_fired"] = since_fired
+    tensors["rng.torch"] = torch.get_rng_state()
+    header = {**header, "param_groups": opt_state["param_groups"]}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"crossdict": json.dumps(header)})
+
+
+def _load_checkpoint(path: Path, expect: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check a checkpoint against `expect` (format, config, seed, data); raise CheckpointError."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {e}; it was left in place — "
+                              "delete it to start over") from None
+    try:
+        header = json.loads(meta["crossdict"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is not a crossdict SAE checkpoint (no crossdict header); it was left in place") from None
+    if header.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {CKPT_FORMAT!r}; it was left in place")
+    diffs = [f"{k}: checkpoint has {header.get(k)!r}, this run has {v!r}" for k, v in expect.items() if header.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(diffs)}); it was left in "
+                              "place — delete it or run without resume")
+    return header, tensors
+
+
+def _restore(sae: SAE, opt: torch.optim.Optimizer, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        sae.load_state_dict(model, strict=True)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        return tensors["tokens_since_fired"].clone()
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this SAE: {e}") from None
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def make_sae(d_in: int, cfg: SAEConfig, input_scale: float, metadata: dict | None = None) -> SAE:
+    spec = SAESpec(
+        architecture=cfg.architecture, d_in=d_in, d_sae=d_in * cfg.expansion_factor, k=cfg.k,
+        input_scale=input_scale, l1_coefficient=cfg.l1_coefficient, aux_k=cfg.aux_k,
+        aux_coefficient=cfg.aux_coefficient, metadata=dict(metadata or {}),
+    )
+    return SAE(spec)
+
+
+def train_sae(
+    acts: Rows,
+    rows: np.ndarray,
+    sae_cfg: SAEConfig,
+    seed: int,
+    out_dir: Path,
+    resume: bool,
+    progress: bool = True,
+    metadata: dict | None = None,
+    max_steps: int | None = None,
+) -> SAE:
+    """Train one SAE on `acts[rows]` and save it to `out_dir` (SAELens format + crossdict.json).
+
+    Never holds more than two batches of activations in RAM. `max_steps` stops early after
+    checkpointing at that step, without saving a final SAE (time-boxed runs; tests of resume).
+    """
+    out_dir = Path(out_dir)
+    rows = np.asarray(rows, dtype=np.int64)
+    d_in = int(acts.shape[1])
+    validate_sae_config(sae_cfg, d_in, len(rows))
+    n_steps = sae_cfg.train_tokens // sae_cfg.batch_size
+    B = sae_cfg.batch_size
+    ckpt_path = out_dir / CKPT_FILE
+    expect = {"format": CKPT_FORMAT, "sae_config": _config_dict(sae_cfg), "seed": seed, "d_in": d_in,
+              "n_rows": len(rows), "rows_digest": _rows_digest(rows)}
+
+    torch.manual_seed(seed)
+    scale, mean = input_scale_and_mean(acts, rows, seed)
+    expect["input_scale"] = scale  # changes if the cached activations were re-extracted
+    sae = make_sae(d_in, sae_cfg, scale, {**(metadata or {}), "seed": seed, "train_tokens": n_steps * B})
+    gen = torch.Generator().manual_seed(seed)
+    sae.reset_parameters(gen)
+    with torch.no_grad():  # b_dec at the data mean (Gao et al. 2024 §A.1 use the geometric median)
+        sae.b_dec.copy_(torch.from_numpy(mean))
+    opt = torch.optim.Adam(sae.parameters(), lr=sae_cfg.lr)
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.int64)
+    start, log = 0, []
+    if resume and ckpt_path.is_file():
+        header, tensors = _load_checkpoint(ckpt_path, expect)
+        since_fired = _restore(sae, opt, header, tensors, ckpt_path)
+        start = int(header["step"])
+        log = [r for r in _read_log(out_dir / LOG_FILE) if r["step"] < start]
+
+    stream = BatchStream(rows, B, seed)
+    stop = n_steps if max_steps is None else min(n_steps, max_steps)
+    pbar = tqdm(total=n_steps, initial=start, disable=not progress, desc=f"SAE {sae_cfg.architecture} {out_dir.name}",
+                dynamic_ncols=True)
+    sae.train()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(acts.take, stream(start)) if start < stop else None
+        for step in range(start, stop):
+            x_np = nxt.result()
+            nxt = pool.submit(acts.take, stream(step + 1)) if step + 1 < stop else None
+            _check_finite(x_np, f"training step {step}")
+            x = torch.from_numpy(x_np)
+            lr = lr_at(step, n_steps, sae_cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            l1_scale = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps > 0 else 1.0
+            dead = since_fired >= sae_cfg.dead_tokens_threshold
+            out = sae(x, dead_mask=dead, l1_scale=l1_scale)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"training step {step}: loss became {out.loss.item()} (lr {lr:g}); "
+                                         "lower sae.lr or check the activations")
+            out.loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sae.set_decoder_norm_to_unit_norm()
+            with torch.no_grad():
+                since_fired += B
+                fired = out.latent_indices[out.latent_acts > 0] if out.latent_indices is not None else (out.latent_acts > 0).any(0).nonzero().squeeze(1)
+                since_fired[fired] = 0
+            if step % LOG_EVERY == 0 or step == n_steps - 1:
+                rec = {"step": step, "tokens": (step + 1) * B, "fvu": round(out.fvu.item(), 6), "l0": round(out.l0.item(), 3),
+                       "dead_frac": round(dead.float().mean().item(), 6), "lr": lr, "loss": round(out.loss.item(), 6),
+                       "auxk_loss": round(out.auxk_loss.item(), 6), "l1_loss": round(out.l1_loss.item(), 6)}
+                log.append(rec)
+                pbar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.2f}")
+            pbar.update(1)
+            done = step + 1
+            if done < n_steps and (done % sae_cfg.checkpoint_every == 0 or done == stop):
+                _save_checkpoint(ckpt_path, sae, opt, since_fired, {**expect, "step": done, "n_steps": n_steps})
+                _write_log(out_dir / LOG_FILE, log)
+    pbar.close()
+    if stop < n_steps:
+        return sae
+    sae.eval()
+    save_sae(sae, out_dir)
+    _write_log(out_dir / LOG_FILE, log)
+    ckpt_path.unlink(missing_ok=True)  # the final SAE supersedes it
+    return sae
+
+
+def _write_log(path: Path, log: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in log))
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SAE, acts: Rows, rows: np.ndarray, block_rows: int = 4096) -> dict[str, float]:
+    """Held-out FVU (whole-set SSE / total sum of squares about the mean), L0, dead and dense fractions.
+
+    Streams blocks; the total sum of squares is merged per block (Chan et al.) in float64, so a large
+    mean direction in the residual stream does not cancel catastrophically.
+    """
+    if int(acts.shape[1]) != sae.d_in:
+        raise ValueError(f"activations have d_model={acts.shape[1]} but the SAE expects d_in={sae.d_in}")
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == 0:
+        raise ValueError("no held-out rows to evaluate on")
+    sae.eval()
+    n, sse, m2, l0_sum = 0, 0.0, 0.0, 0.0
+    mean = torch.zeros(sae.d_in, dtype=torch.float64)
+    fires = torch.zeros(sae.d_sae, dtype=torch.int64)
+    for s in range(0, len(rows), block_rows):
+        x_np = acts.take(rows[s : s + block_rows])
+        _check_finite(x_np, f"evaluation block at held-out row {s}")
+        x = torch.from_numpy(x_np)
+        codes = sae.encode(x)
+        x_hat = sae.decode(codes)
+        sse += float((x_hat - x).double().pow(2).sum())
+        nb = x.shape[0]
+        xd = x.double()
+        mb = xd.mean(0)
+        m2b = float((xd - mb).pow(2).sum())
+        delta = mb - mean
+        m2 += m2b + float(delta.pow(2).sum()) * n * nb / (n + nb)
+        mean += delta * nb / (n + nb)
+        n += nb
+        active = codes > 0
+        fires += active.sum(0)
+        l0_sum += float(active.sum())
+    freq = fires.double() / n
+    return {
+        "fvu": sse / max(m2, 1e-30),
+        "l0": l0_sum / n,
+        "dead_frac": float((fires == 0).double().mean()),
+        "dense_frac": float((freq > DENSE_THRESHOLD).double().mean()),
+        "n_tokens": n,
+    }
+
+
+def _next_token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
+    """Summed NLL of the next token over positions that are content and have a real next token."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = batch.input_ids[:, 1:].to(logits.device)
+    valid = batch.is_content[:, :-1].to(logits.device) & batch.attention_mask[:, 1:].bool().to(logits.device)
+    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return float(nll[valid].double().sum()), int(valid.sum())
+
+
+@torch.no_grad()
+def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch]) -> dict[str, float]:
+    """Next-token loss with the SAE reconstruction spliced in after block `layer`, vs clean and ablations.
+
+    Only content positions are replaced (BOS and padding keep their clean residual: the SAE never
+    saw them in training). frac_recovered_X = (L_X - L_sae) / (L_X - L_clean) for X in {zero, mean}.
+    `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]` tensors.
+    """
+    batches = list(batches)
+    if hasattr(sae, "eval"):
+        sae.eval()
+    # Mean ablation uses the mean residual over content positions of these same batches.
+    total, count = None, 0
+    for b in batches:
+        h = backend.hidden_states(b, [layer])[layer]
+        m = b.is_content.to(h.device)
+        s = h[m].double().sum(0)
+        total = s if total is None else total + s
+        count += int(m.sum())
+    if count == 0:
+        raise ValueError("lm_loss_recovered: the batches hold no content tokens")
+    mean = (total / count).float()
+
+    def masked(fn, mask):
+        return lambda h: torch.where(mask.to(h.device)[..., None], fn(h).to(h.dtype), h)
+
+    kinds = {
+        "clean": None,
+        "sae": lambda h: sae.decode(sae.encode(h.float())),
+        "zero": lambda h: torch.zeros_like(h),
+        "mean": lambda h: mean.to(h.device).expand_as(h),
+    }
+    sums = {k: 0.0 for k in kinds}
+    n_tok = 0
+    for b in batches:
+        for kind, fn in kinds.items():
+            edits = None if fn is None else {layer: masked(fn, b.is_content)}
+            nll, n = _next_token_nll(backend.logits(b, edits=edits), b)
+            sums[kind] += nll
+        n_tok += n
+    if n_tok == 0:
+        raise ValueError("lm_loss_recovered: no positions with a next content token")
+    loss = {k: v / n_tok for k, v in sums.items()}
+    out = {f"loss_{k}": v for k, v in loss.items()}
+    for abl in ("zero", "mean"):
+        gap = loss[abl] - loss["clean"]
+        out[f"frac_recovered_{abl}"] = (loss[abl] - loss["sae"]) / gap if abs(gap) > 1e-12 else float("nan")
+    out["n_tokens"] = n_tok
+    return out
+
+
+# --- stage entry point --------------------------------------------------------------------------
+
+CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac",
+               "loss_clean", "loss_sae", "loss_zero", "loss_mean", "frac_recovered_zero", "frac_recovered_mean",
+               "train_tokens", "wall_s"]
+
+
+def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None = None,
+                n_passages: int = 32) -> list[Batch]:
+    """Held-out corpus passages (or `texts`), tokenized by `backend`, for the LM-loss evaluation."""
+    if texts is None:
+        from .corpus import is_heldout, passages  # owned by the extraction stage
+
+        texts = [p for p in passages(cfg.corpus) if is_heldout(p, cfg.corpus.heldout_fraction)]
+    texts = texts[:n_passages]
+    bs = cfg.extract.batch_size
+    return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
+
+
+def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int) -> dict:
+    manifest = json.dumps(cache.manifest, sort_keys=True, default=str)
+    return {"sae_config": _config_dict(cfg.sae), "seed": seed, "model": cfg.model(key).name, "layer": layer,
+            "cache": hashlib.sha256(manifest.encode()).hexdigest()[:16]}
+
+
+def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = False,
+              backends: dict | None = None, progress: bool = True, lm_texts: list[str] | None = None) -> list[dict]:
+    """Train, save and evaluate every configured (model, layer, seed) SAE; write `report/sae_metrics.csv`.
+
+    SAEs whose directory is complete and whose saved fingerprint (SAE config, seed, model, layer,
+    cache manifest) matches are reused, not retrained. Without `backends` the LM-loss columns stay
+    empty; with them, the LM loss is measured on `lm_texts` (default: the first 32 held-out corpus
+    passages, via `crossdict.corpus`).
+    """
+    cache = ActivationCache(cfg.cache_dir)
+    seeds = list(seeds if seeds is not None else cfg.sae.seeds)
+    results = []
+    for key in ("a", "b"):
+        d_model = cache.d_model(key)
+        train_rows, held_rows = cache.rows(key, "train"), cache.rows(key, "heldout")
+        validate_sae_config(cfg.sae, d_model, len(train_rows))
+        for layer in cfg.model(key).layers:
+            acts = cache.acts(key, layer)
+            if acts.shape[1] != d_model:
+                raise ValueError(f"activation cache {cfg.cache_dir}: manifest says model {key} "
+                                 f"({cfg.model(key).name}) has d_model={d_model}, but {hook_name(layer)} has "
+                                 f"{acts.shape[1]} columns; re-extract the cache")
+            for seed in seeds:
+                out_dir = cfg.sae_dir(key, layer, seed)
+                fp = _fingerprint(cfg, cache, key, layer, seed)
+                t0 = time.perf_counter()
+                metrics = _reusable_metrics(out_dir, fp)
+                if metrics is None:
+                    meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
+                            "context_size": cfg.model(key).max_ctx, "fingerprint": fp}
+                    if backends is not None:
+                        meta["prepend_bos"] = bool(backends[key].has_bos)
+                    sae = train_sae(acts, train_rows, cfg.sae, seed, out_dir, resume, progress, metadata=meta)
+                    metrics = evaluate_sae(sae, acts, held_rows)
+                    metrics["train_wall_s"] = time.perf_counter() - t0
+                    atomic_write_json(out_dir / METRICS_FILE, metrics)
+                if backends is not None and "loss_sae" not in metrics:
+                    sae = load_sae(out_dir)
+                    metrics.update(lm_loss_recovered(backends[key], sae, layer, _lm_batches(cfg, key, backends[key], lm_texts)))
+                    atomic_write_json(out_dir / METRICS_FILE, metrics)
+                row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
+                       "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
+                       "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
+                       "wall_s": round(metrics.get("train_wall_s", time.perf_counter() - t0), 2)}
+                row.update({c: metrics.get(c, "") for c in CSV_COLUMNS if c not in row})
+                results.append(row)
+    _write_csv(cfg.report_dir / "sae_metrics.csv", results)
+    return results
+
+
+def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
+    if not (is_complete(out_dir) and (out_dir / METRICS_FILE).is_file()):
+        return None
+    try:
+        extra = read_json(out_dir / "crossdict.json", "SAE spec")
+        metrics = read_json(out_dir / METRICS_FILE, "SAE metrics")
+    except ValueError:
+        return None
+    return metrics if extra.get("spec", {}).get("metadata", {}).get("fingerprint") == fp else None
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
