@@ -1,0 +1,364 @@
+"""Feature matching between two SAEs over anchor-paired tokens, with per-match statistics.
+
+Similarities: Pearson correlation of the two features' codes over paired tokens ("act"), and
+cosine between decoder directions after mapping A's decoder rows into B's space with the
+Procrustes rotation ("dec"). Matchings: one-to-one Hungarian on act correlation
+(`linear_sum_assignment`; sparse LAPJVsp on each feature's top candidates when m is large),
+mutual nearest neighbours on act correlation and on decoder cosine.
+
+Statistics (selection on train, testing on held-out, so the test is not biased by having
+picked the best of m candidates):
+  * matches are chosen on the train anchors; act_corr is the held-out correlation of the pair;
+  * p_value: one-sided, against the pair's own null from shuffled pairing (passages permuted
+    between the models, `stats.shuffled_pairing`), which keeps each feature's sparsity and its
+    within-passage autocorrelation. A plain permutation p-value cannot go below 1/(n_null+1),
+    too coarse for BH over thousands of matches, so by default (`pvalue="pooled"`) each pair's
+    correlation is z-scored against its own permutation null and compared with the pooled
+    null z-scores of all pairs of similar firing frequency (see `p_values`).
+    `pvalue="empirical"` gives the exact +1-corrected per-pair permutation p.
+  * q_value: Benjamini–Hochberg (1995) over all matches of one method and layer pair;
+  * stability: fraction of passage-bootstrap resamples of the train anchors in which the same
+    pair is matched again.
+
+Codes are held as scipy CSR matrices (TopK SAEs: k nonzeros per token), so 100k tokens × 16k
+features cost a few MB; the only dense m_a × m_b array is one float32 correlation matrix
+(1 GiB at m = 16k), filled by streaming sparse cross-products over row blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy import sparse
+from scipy import stats as sps
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+from .stats import bh_qvalues, bootstrap_weights, passage_index, shuffled_pairing
+
+MATCH_COLUMNS = (
+    "layer_a", "layer_b", "feat_a", "feat_b", "method", "act_corr", "dec_cos",
+    "freq_a", "freq_b", "p_value", "q_value", "stability",
+)  # fmt: skip
+DENSE_HUNGARIAN_MAX = 4096 * 4096  # above this, linear_sum_assignment's float64 copy alone is > 128 MiB
+
+
+def encode_sparse(sae: Any, X: np.ndarray, block_rows: int = 4096) -> sparse.csr_matrix:
+    """SAE codes of raw activations X `[n, d_in]` as CSR `[n, d_sae]` float32."""
+    parts = []
+    with torch.no_grad():
+        for s in range(0, X.shape[0], block_rows):
+            codes = sae.encode(torch.as_tensor(np.asarray(X[s : s + block_rows], np.float32)))
+            parts.append(sparse.csr_matrix(codes.detach().float().cpu().numpy()))
+    return sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, 0), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# correlation
+
+
+def _mean_sd(C: sparse.csr_matrix, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    nw = w.sum()
+    mean = np.asarray(C.T @ w).ravel() / nw
+    sq = np.asarray(C.multiply(C).T @ w).ravel() / nw
+    return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
+
+
+def code_correlation(
+    ca: sparse.csr_matrix,
+    cb: sparse.csr_matrix,
+    weights: np.ndarray | None = None,
+    block_rows: int = 4096,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pearson correlation `[m_a, m_b]` float32 between columns of ca `[n, m_a]` and cb `[n, m_b]`.
+
+    Cross-products are accumulated over row blocks (sparse × sparse when codes are sparse), then
+    turned into correlations in place, row block by row block, so peak memory is the output plus
+    one block. Dead features (sd 0) get correlation 0. `weights [n]` are row multiplicities
+    (cluster bootstrap); `out` lets repeated calls reuse one buffer.
+    """
+    n, m_a, m_b = ca.shape[0], ca.shape[1], cb.shape[1]
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    acc = np.zeros((m_a, m_b), np.float32) if out is None else out
+    acc.fill(0.0)
+    dense = (ca.nnz / max(ca.shape[0] * m_a, 1)) > 0.05
+    for s in range(0, n, block_rows):
+        wa = sparse.diags(w[s : s + block_rows].astype(np.float32)) @ ca[s : s + block_rows]
+        if dense:
+            acc += wa.toarray().T @ cb[s : s + block_rows].toarray()
+        else:
+            prod = (wa.T @ cb[s : s + block_rows]).tocoo()
+            prod.sum_duplicates()
+            acc[prod.row, prod.col] += prod.data
+    mean_a, sd_a = _mean_sd(ca, w)
+    mean_b, sd_b = _mean_sd(cb, w)
+    inv_b = np.where(sd_b > 0, 1.0 / np.where(sd_b > 0, sd_b, 1.0), 0.0).astype(np.float32)
+    nw = np.float32(w.sum())
+    for r in range(0, m_a, 1024):
+        inv_a = np.where(sd_a[r : r + 1024] > 0, 1.0 / np.where(sd_a[r : r + 1024] > 0, sd_a[r : r + 1024], 1.0), 0.0)
+        blk = acc[r : r + 1024]
+        blk /= nw
+        blk -= np.outer(mean_a[r : r + 1024], mean_b).astype(np.float32)
+        blk *= inv_a[:, None].astype(np.float32)
+        blk *= inv_b[None, :]
+    return acc
+
+
+def pair_correlation(xa: sparse.csr_matrix, xb: sparse.csr_matrix) -> np.ndarray:
+    """Column-wise Pearson correlation `[K]` between xa `[n, K]` and xb `[n, K]` (pair i = column i)."""
+    w = np.ones(xa.shape[0])
+    ma, sa = _mean_sd(xa, w)
+    mb, sb = _mean_sd(xb, w)
+    cov = np.asarray(xa.multiply(xb).sum(0)).ravel() / xa.shape[0] - ma * mb
+    den = sa * sb
+    return np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# matchings
+
+
+def mutual_nn(sim_rows: Callable[[int, int], np.ndarray], m_a: int, m_b: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours from a similarity given by row blocks `sim_rows(r0, r1) -> [r1-r0, m_b]`.
+
+    The full m_a × m_b matrix is never needed at once (decoder cosines are computed per block).
+    """
+    row_best = np.empty(m_a, np.int64)
+    col_val = np.full(m_b, -np.inf)
+    col_best = np.zeros(m_b, np.int64)
+    for r0 in range(0, m_a, block):
+        blk = sim_rows(r0, min(r0 + block, m_a))
+        row_best[r0 : r0 + len(blk)] = blk.argmax(1)
+        bv, ba = blk.max(0), blk.argmax(0) + r0
+        better = bv > col_val
+        col_val[better], col_best[better] = bv[better], ba[better]
+    ia = np.nonzero(col_best[row_best] == np.arange(m_a))[0]
+    return ia, row_best[ia]
+
+
+def hungarian(S: np.ndarray, n_candidates: int = 16, dense_max: int = DENSE_HUNGARIAN_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one assignment maximising total similarity S `[m_a, m_b]`.
+
+    Small problems: exact `linear_sum_assignment` (Kuhn 1955 / Crouse 2016). Large ones: exact
+    LAPJVsp on a sparse graph holding each row's and each column's top `n_candidates`, plus a
+    private "unmatched" column per row at similarity 0, so a feature is left unmatched rather
+    than forced onto a negatively correlated partner. Pairs outside every top-list are
+    essentially uncorrelated, so restricting to them changes nothing that could be significant.
+    """
+    m_a, m_b = S.shape
+    if m_a * m_b <= dense_max:
+        return linear_sum_assignment(S, maximize=True)
+    c = min(n_candidates, m_b)
+    rows, cols = [], []
+    for r0 in range(0, m_a, 1024):
+        top = np.argpartition(-S[r0 : r0 + 1024], c - 1, axis=1)[:, :c]
+        rows.append(np.repeat(np.arange(r0, r0 + len(top)), c))
+        cols.append(top.ravel())
+    c = min(n_candidates, m_a)
+    for c0 in range(0, m_b, 1024):
+        top = np.argpartition(-S[:, c0 : c0 + 1024], c - 1, axis=0)[:c]  # [c, block]
+        rows.append(top.ravel())
+        cols.append(np.tile(np.arange(c0, c0 + top.shape[1]), c))
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    key = np.unique(rows * m_b + cols)
+    rows, cols = key // m_b, key % m_b
+    # +2 keeps every weight strictly positive (LAPJVsp needs non-zero weights); dummies sit at 0 + 2.
+    w = np.concatenate([S[rows, cols].astype(np.float64) + 2.0, np.full(m_a, 2.0)])
+    graph = sparse.csr_matrix(
+        (w, (np.concatenate([rows, np.arange(m_a)]), np.concatenate([cols, m_b + np.arange(m_a)]))),
+        shape=(m_a, m_b + m_a),
+    )
+    ia, ib = min_weight_full_bipartite_matching(graph, maximize=True)
+    real = ib < m_b
+    return ia[real], ib[real]
+
+
+def _normalize_rows(D: np.ndarray) -> np.ndarray:
+    D = np.asarray(D, np.float32)
+    return D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-12)
+
+
+def decoder_cosine(dec_a: np.ndarray, dec_b: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Cosine `[K]` between mapped decoder rows dec_a[ia] `[K, d_b]` and dec_b[ib]."""
+    return np.sum(_normalize_rows(dec_a[ia]) * _normalize_rows(dec_b[ib]), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics per match
+
+
+def pair_null(
+    ca: sparse.csr_matrix, cb: sparse.csr_matrix, ia: np.ndarray, ib: np.ndarray,
+    passage_ids: np.ndarray, n_null: int, rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Observed held-out correlation `[K]` of each pair and its null `[n_null, K]` under shuffled pairing."""
+    xa, xb = ca[:, ia].tocsr(), cb[:, ib].tocsr()
+    obs = pair_correlation(xa, xb)
+    idx = passage_index(passage_ids)
+    null = np.empty((n_null, len(ia)))
+    for t in range(n_null):
+        ra, rb = shuffled_pairing(idx, rng)
+        null[t] = pair_correlation(xa[ra], xb[rb])
+    return obs, null
+
+
+def _zscores(obs: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise obs `[K]` and null `[n_null, K]` by each pair's null mean and sd."""
+    mu = null.mean(0)
+    sd = null.std(0, ddof=1) if null.shape[0] > 1 else np.zeros(obs.shape)
+    safe = np.where(sd > 0, sd, 1.0)
+    # A pair that never co-varies under shuffling (sd 0) carries no evidence either way.
+    z_obs = np.where(sd > 0, (obs - mu) / safe, np.where(obs > mu, np.inf, -np.inf))
+    z_null = np.where(sd > 0, (null - mu) / safe, np.nan)
+    return z_obs, z_null
+
+
+def p_values(obs: np.ndarray, null: np.ndarray, kind: str = "pooled", strata: np.ndarray | None = None) -> np.ndarray:
+    """One-sided p `[K]` of obs `[K]` against the shuffled-pairing null `[n_null, K]`.
+
+    empirical: (1 + #{null_k >= obs_k}) / (1 + n_null), exact but never below 1/(n_null + 1).
+    pooled (default): each pair's obs and null are z-scored by that pair's null mean/sd, and obs
+        is compared with the null z-scores of all pairs in the same stratum (`strata [K]`, e.g.
+        firing-frequency bins), pooling K·n_null draws. The tails of correlations between
+        sparse codes are heavy and depend on how often the features fire, so a normal tail is
+        anti-conservative (checked: ~17× too many p < 0.001 on synthetic sparse codes);
+        the pooled permutation distribution keeps the tail shape and the resolution BH needs.
+    normal: normal tail of the z-score; fast but anti-conservative for sparse codes.
+    """
+    if null.shape[0] == 0:
+        return np.full(obs.shape, np.nan)
+    if kind == "empirical":
+        return (1 + (null >= obs[None, :]).sum(0)) / (1 + null.shape[0])
+    z_obs, z_null = _zscores(obs, null)
+    if kind == "normal":
+        return sps.norm.sf(z_obs)
+    if kind != "pooled":
+        raise ValueError(f"unknown p-value kind {kind!r}; expected 'pooled', 'empirical' or 'normal'")
+    strata = np.zeros(len(obs), np.int64) if strata is None else np.asarray(strata)
+    p = np.empty(len(obs))
+    for s in np.unique(strata):
+        cols = strata == s
+        pool = np.sort(z_null[:, cols].ravel())
+        pool = pool[np.isfinite(pool)]
+        n_ge = len(pool) - np.searchsorted(pool, z_obs[cols], side="left")
+        p[cols] = (1 + n_ge) / (1 + len(pool))
+    return p
+
+
+def frequency_strata(freq_a: np.ndarray, freq_b: np.ndarray, min_per_stratum: int = 50, max_strata: int = 10) -> np.ndarray:
+    """Quantile bins `[K]` of log(freq_a·freq_b): pairs whose null tails look alike."""
+    k = len(freq_a)
+    n_bins = int(np.clip(k // min_per_stratum, 1, max_strata))
+    if n_bins == 1:
+        return np.zeros(k, np.int64)
+    key = np.log(np.maximum(freq_a * freq_b, 1e-12))
+    edges = np.quantile(key, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return np.searchsorted(edges, key, side="right")
+
+
+def stability(
+    ca: sparse.csr_matrix, cb: sparse.csr_matrix, passage_ids: np.ndarray,
+    matchers: dict[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]],
+    matches: dict[str, tuple[np.ndarray, np.ndarray]],
+    n_boot: int, rng: np.random.Generator, buffer: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """For each method, fraction `[K]` of passage-bootstrap resamples in which each match recurs."""
+    m_b = cb.shape[1]
+    hits = {k: np.zeros(len(v[0])) for k, v in matches.items()}
+    if n_boot == 0:
+        return {k: np.full(len(v[0]), np.nan) for k, v in matches.items()}
+    idx = passage_index(passage_ids)
+    for _ in range(n_boot):
+        S = code_correlation(ca, cb, bootstrap_weights(idx, rng), out=buffer)
+        buffer = S
+        for name, fn in matchers.items():
+            ja, jb = fn(S)
+            ia, ib = matches[name]
+            hits[name] += np.isin(ia * m_b + ib, ja * m_b + jb)
+    return {k: v / n_boot for k, v in hits.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+@dataclass
+class Matches:
+    """Matched pairs of one method, with per-match statistics (arrays of length K)."""
+
+    method: str
+    feat_a: np.ndarray
+    feat_b: np.ndarray
+    act_corr: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    dec_cos: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    freq_a: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    freq_b: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    p_value: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    q_value: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stability: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __len__(self) -> int:
+        return len(self.feat_a)
+
+    def significant(self, q: float = 0.05) -> np.ndarray:
+        return np.nan_to_num(self.q_value, nan=1.0) < q
+
+    def rows(self, layer_a: int, layer_b: int) -> list[dict]:
+        cols = ("act_corr", "dec_cos", "freq_a", "freq_b", "p_value", "q_value", "stability")
+        return [
+            {"layer_a": layer_a, "layer_b": layer_b, "feat_a": int(self.feat_a[i]), "feat_b": int(self.feat_b[i]),
+             "method": self.method, **{c: float(getattr(self, c)[i]) for c in cols}}
+            for i in range(len(self))
+        ]  # fmt: skip
+
+
+def _freq(C: sparse.csr_matrix) -> np.ndarray:
+    return np.asarray((C > 0).sum(0)).ravel() / max(C.shape[0], 1)
+
+
+def match_features(
+    train_a: sparse.csr_matrix, train_b: sparse.csr_matrix, pid_train: np.ndarray,
+    test_a: sparse.csr_matrix, test_b: sparse.csr_matrix, pid_test: np.ndarray,
+    dec_a: np.ndarray | None = None, dec_b: np.ndarray | None = None,
+    methods: tuple[str, ...] = ("hungarian", "mnn", "mnn_dec"),
+    n_null: int = 200, n_boot: int = 20, pvalue: str = "pooled",
+    rng: np.random.Generator | None = None,
+) -> dict[str, Matches]:  # fmt: skip
+    """Match SAE features of A `[·, m_a]` to B `[·, m_b]`: choose on train codes, test on held-out.
+
+    dec_a `[m_a, d_b]`: A's decoder rows already mapped into B's space (rows @ Procrustes R);
+    dec_b `[m_b, d_b]`. Without decoders, `mnn_dec` is skipped and dec_cos is NaN.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    m_a, m_b = train_a.shape[1], train_b.shape[1]
+    have_dec = dec_a is not None and dec_b is not None
+    S = code_correlation(train_a, train_b)
+    act_matchers = {
+        "hungarian": lambda M: hungarian(M),
+        "mnn": lambda M: mutual_nn(lambda r0, r1: M[r0:r1], m_a, m_b),
+    }
+    act_matchers = {k: v for k, v in act_matchers.items() if k in methods}
+    found = {k: fn(S) for k, fn in act_matchers.items()}
+    if "mnn_dec" in methods and have_dec:
+        da, db = _normalize_rows(dec_a), _normalize_rows(dec_b)
+        found["mnn_dec"] = mutual_nn(lambda r0, r1: da[r0:r1] @ db.T, m_a, m_b)
+    stab = stability(train_a, train_b, pid_train, act_matchers, {k: found[k] for k in act_matchers}, n_boot, rng, buffer=S)
+    del S
+    freq_a, freq_b = _freq(test_a), _freq(test_b)
+    out = {}
+    for name, (ia, ib) in found.items():
+        ia, ib = np.asarray(ia, np.int64), np.asarray(ib, np.int64)
+        obs, null = pair_null(test_a, test_b, ia, ib, pid_test, n_null, rng)
+        p = p_values(obs, null, pvalue, frequency_strata(freq_a[ia], freq_b[ib]))
+        out[name] = Matches(
+            method=name, feat_a=ia, feat_b=ib, act_corr=obs,
+            dec_cos=decoder_cosine(dec_a, dec_b, ia, ib) if have_dec else np.full(len(ia), math.nan),
+            freq_a=freq_a[ia], freq_b=freq_b[ib], p_value=p, q_value=bh_qvalues(p),
+            stability=stab.get(name, np.full(len(ia), math.nan)),
+        )  # fmt: skip
+    return out

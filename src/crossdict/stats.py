@@ -1,0 +1,164 @@
+"""Uncertainty for every number we report: passage-level bootstrap CIs, shuffled-pairing nulls, BH.
+
+Tokens of one passage are strongly dependent (same topic, overlapping context windows), so all
+resampling is done over *passages* (a cluster bootstrap), never over tokens: resampling tokens
+would treat ~100 near-copies as independent evidence and give CIs that are far too narrow.
+
+The null for "A and B share structure" keeps each model's own statistics intact and destroys
+only the pairing: A's passage i is paired with B's passage pi(i) (pi a derangement), tokens
+matched by their rank within the passage and truncated to the shorter passage. Any metric that
+still looks "similar" under this null does so because of marginal structure (anisotropy, token
+frequency effects, finite-sample bias of CCA), not because the models agree on the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from scipy import stats as sps
+
+
+class InsufficientDataError(ValueError):
+    """Too few anchors or passages for the requested statistic."""
+
+
+@dataclass
+class MetricResult:
+    value: float
+    ci_low: float
+    ci_high: float
+    null_mean: float
+    p_value: float
+    n_tokens: int = 0
+    n_passages: int = 0
+
+
+@dataclass
+class PassageIndex:
+    """Rows grouped by passage: rows of passage g are `order[starts[g] : starts[g] + counts[g]]`."""
+
+    inverse: np.ndarray  # int64 [n] passage number (0..P-1) of each row
+    order: np.ndarray  # int64 [n] rows sorted by passage, original order kept within a passage
+    starts: np.ndarray  # int64 [P]
+    counts: np.ndarray  # int64 [P]
+    rank: np.ndarray  # int64 [n] position of each row within its passage
+
+    @property
+    def n_passages(self) -> int:
+        return len(self.counts)
+
+
+def passage_index(passage_ids: np.ndarray) -> PassageIndex:
+    _, inverse = np.unique(np.asarray(passage_ids), return_inverse=True)
+    inverse = inverse.astype(np.int64)
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    rank = np.empty(len(inverse), np.int64)
+    rank[order] = np.arange(len(inverse)) - starts[inverse[order]]
+    return PassageIndex(inverse, order, starts, counts, rank)
+
+
+def require_passages(n_passages: int, needed: int, what: str) -> None:
+    if n_passages < needed:
+        raise InsufficientDataError(
+            f"{what} needs at least {needed} distinct passages with anchors, got {n_passages}; "
+            "extract more passages (corpus.max_passages) or lower align.min_passages"
+        )
+
+
+def bootstrap_weights(idx: PassageIndex, rng: np.random.Generator) -> np.ndarray:
+    """Cluster bootstrap as row multiplicities `[n]`: draw P passages with replacement."""
+    picks = np.bincount(rng.integers(0, idx.n_passages, idx.n_passages), minlength=idx.n_passages)
+    return picks[idx.inverse].astype(np.float64)
+
+
+def bootstrap_rows(idx: PassageIndex, rng: np.random.Generator) -> np.ndarray:
+    """Cluster bootstrap as a row list: each drawn passage contributes all its rows."""
+    picks = rng.integers(0, idx.n_passages, idx.n_passages)
+    return np.concatenate([idx.order[idx.starts[g] : idx.starts[g] + idx.counts[g]] for g in picks])
+
+
+def derangement(p: int, rng: np.random.Generator) -> np.ndarray:
+    """A random permutation with no fixed point (one random cycle through all p items), p >= 2."""
+    sigma = rng.permutation(p)
+    perm = np.empty(p, np.int64)
+    perm[sigma] = np.roll(sigma, -1)
+    return perm
+
+
+def shuffled_pairing(idx: PassageIndex, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Null pairing: rows of A's passage g meet rows of B's passage pi(g), matched by rank.
+
+    Returns `(rows_a [n'], rows_b [n'])`, n' <= n because each pair is truncated to the shorter
+    of the two passages.
+    """
+    partner = derangement(idx.n_passages, rng)[idx.inverse]  # B's passage for every A row
+    keep = idx.rank < idx.counts[partner]
+    rows_a = np.nonzero(keep)[0]
+    rows_b = idx.order[idx.starts[partner[keep]] + idx.rank[keep]]
+    return rows_a, rows_b
+
+
+def permutation_p_value(value: float, null: np.ndarray) -> float:
+    """One-sided (larger = more similar) with the +1 correction (Phipson & Smyth 2010): never 0."""
+    null = np.asarray(null, dtype=np.float64)
+    null = null[np.isfinite(null)]
+    return float((1 + np.sum(null >= value)) / (1 + len(null)))
+
+
+def bh_qvalues(p_values: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg (1995) adjusted p-values; NaNs stay NaN and are not counted as tests."""
+    p = np.asarray(p_values, dtype=np.float64)
+    q = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = sps.false_discovery_control(np.clip(p[ok], 0.0, 1.0), method="bh")
+    return q
+
+
+def _take(X: Any, rows: np.ndarray) -> Any:
+    return X[rows]
+
+
+def with_ci(
+    metric_fn: Callable[[Any, Any], float],
+    X_a: Any,
+    X_b: Any,
+    passage_ids: np.ndarray,
+    n_boot: int = 200,
+    n_null: int = 200,
+    rng: np.random.Generator | None = None,
+    alpha: float = 0.05,
+    min_passages: int = 2,
+) -> MetricResult:
+    """Value, percentile cluster-bootstrap CI, shuffled-pairing null mean and permutation p-value.
+
+    X_a `[n, d_a]`, X_b `[n, d_b]` (arrays or scipy sparse rows), passage_ids `[n]`; row i of X_a
+    and X_b are the two models on the same characters. `metric_fn(X_a, X_b) -> float`, larger
+    meaning more similar. The p-value is one-sided: P(null >= observed), +1 corrected.
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    idx = passage_index(passage_ids)
+    if n_boot or n_null:
+        require_passages(idx.n_passages, max(2, min_passages), "a bootstrap CI / shuffled-pairing null")
+    value = float(metric_fn(X_a, X_b))
+    boots = []
+    for _ in range(n_boot):
+        r = bootstrap_rows(idx, rng)
+        boots.append(metric_fn(_take(X_a, r), _take(X_b, r)))
+    boots = np.array(boots, dtype=np.float64)
+    nulls = []
+    for _ in range(n_null):
+        ra, rb = shuffled_pairing(idx, rng)
+        nulls.append(metric_fn(_take(X_a, ra), _take(X_b, rb)))
+    nulls = np.array(nulls, dtype=np.float64)
+    lo, hi = math.nan, math.nan
+    if n_boot and np.isfinite(boots).any():
+        lo, hi = np.nanpercentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    null_mean = float(np.nanmean(nulls)) if n_null and np.isfinite(nulls).any() else math.nan
+    p = permutation_p_value(value, nulls) if n_null else math.nan
+    return MetricResult(value, float(lo), float(hi), null_mean, p, n_tokens=len(passage_ids), n_passages=idx.n_passages)
