@@ -62,7 +62,7 @@ def cross_moments(X: Any, Y: Any, block_rows: int = BLOCK_ROWS) -> Moments:
     sx, sy = np.zeros(d_a), np.zeros(d_b)
     shift_x = shift_y = None
     for start in range(0, n, block_rows):
-        xb, yb = _dense32(X[start : start + block_rows]), _dense32(Y[start : start + block_rows])
+        xb, yb = _float(X[start : start + block_rows]), _float(Y[start : start + block_rows])
         if shift_x is None:
             shift_x, shift_y = xb.mean(0), yb.mean(0)
         xb, yb = xb - shift_x, yb - shift_y
@@ -80,6 +80,13 @@ def cross_moments(X: Any, Y: Any, block_rows: int = BLOCK_ROWS) -> Moments:
         cyy=syy - n * np.outer(dy, dy),
         cxy=sxy - n * np.outer(dx, dy),
     )
+
+
+def _float(X: Any) -> np.ndarray:
+    """float64 stays float64 (exact reference computations); everything else becomes float32."""
+    if sparse.issparse(X):
+        X = X.toarray()
+    return np.asarray(X, dtype=np.float64 if np.asarray(X).dtype == np.float64 else np.float32)
 
 
 def _center(X: Any) -> np.ndarray:
@@ -195,6 +202,8 @@ def rbf_cka(X: Any, Y: Any, n_max: int = 1000, sigma_frac: float = 0.8, rng: np.
 class CCAResult:
     rho: np.ndarray  # [k] canonical correlations, descending
     weights: np.ndarray  # [k] PWCCA weights (sum 1) w.r.t. X's neurons (Morcos et al. 2018)
+    a: np.ndarray | None = None  # [d_a, k] canonical directions, aᵀ Cxx a = I (moments form only)
+    b: np.ndarray | None = None  # [d_b, k]
 
 
 def _keep_top(var: np.ndarray, keep: float) -> int:
@@ -216,17 +225,17 @@ def cca_from_moments(m: Moments, keep_x: float = 1.0, keep_y: float = 1.0) -> CC
     `keep` of the variance and whiten them (W = V Λ^-½). Canonical correlations are the singular
     values of Wxᵀ XcᵀYc Wy (Raghu et al. 2017).
     """
-    lx, vx = linalg.eigh(m.cxx)
-    ly, vy = linalg.eigh(m.cyy)
+    lx, vx = np.linalg.eigh(m.cxx)  # LAPACK syevd via numpy: ~20x faster than scipy's default here
+    ly, vy = np.linalg.eigh(m.cyy)
     lx, vx, ly, vy = lx[::-1], vx[:, ::-1], ly[::-1], vy[:, ::-1]
     kx, ky = _keep_top(lx, keep_x), _keep_top(ly, keep_y)
     wx = vx[:, :kx] / np.sqrt(lx[:kx])  # [d_a, kx], wxᵀ Cxx wx = I
     wy = vy[:, :ky] / np.sqrt(ly[:ky])
-    u, rho, _ = linalg.svd(wx.T @ m.cxy @ wy, full_matrices=False)
+    u, rho, vt = linalg.svd(wx.T @ m.cxy @ wy, full_matrices=False)
     # Canonical variates h_i = Xc a_i are orthonormal, so ⟨h_i, x_j⟩ = (Cxx A)_{ji}.
-    a = wx @ u  # [d_a, k]
+    a, b = wx @ u, wy @ vt.T  # [d_a, k], [d_b, k]
     weights = np.abs(m.cxx @ a).sum(0)
-    return CCAResult(np.clip(rho, 0.0, 1.0), weights / weights.sum())
+    return CCAResult(np.clip(rho, 0.0, 1.0), weights / weights.sum(), a, b)
 
 
 def cca_from_data(X: Any, Y: Any, keep_x: float = 1.0, keep_y: float = 1.0) -> CCAResult:
@@ -341,3 +350,119 @@ def match_invariance(stability: np.ndarray) -> float:
     bootstrap resamples in which the match recurs (= expected fraction of matches that recur)."""
     stability = np.asarray(stability, dtype=np.float64)
     return float(np.nanmean(stability)) if np.isfinite(stability).any() else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# resample-friendly forms (used by evaluate with stats.with_ci)
+
+
+def feature_family(X: Any, Y: Any, keep: float = 0.99) -> dict[str, float]:
+    """linear CKA, debiased CKA, SVCCA (`keep` variance) and PWCCA from one moments pass.
+
+    For n >= d: each bootstrap/null resample then costs one O(n·d²) pass plus two d×d eighs.
+    """
+    m = cross_moments(X, Y)
+    Xc, Yc = _dense32(X) - m.mean_x.astype(np.float32), _dense32(Y) - m.mean_y.astype(np.float32)
+    hxy = _hsic_unbiased_features(Xc, Yc, np.sum(m.cxy**2))
+    hxx = _hsic_unbiased_features(Xc, Xc, np.sum(m.cxx**2))
+    hyy = _hsic_unbiased_features(Yc, Yc, np.sum(m.cyy**2))
+    sv = cca_from_moments(m, keep, keep)
+    pw = cca_from_moments(m, 1.0, 1.0)  # Morcos et al. apply PWCCA to all (non-null) directions
+    return {
+        "linear_cka": linear_cka_from_moments(m),
+        "debiased_cka": float(hxy / np.sqrt(hxx * hyy)) if hxx * hyy > 0 else float("nan"),
+        "svcca": float(sv.rho.mean()) if sv.rho.size else float("nan"),
+        "pwcca": float(pw.weights @ pw.rho) if pw.rho.size else float("nan"),
+    }
+
+
+class Pairwise:
+    """An n×n token-by-token matrix (Gram, kernel, RDM, cosine) that resamples by rows.
+
+    Computing it once on a subsample and indexing `P[rows]` for every bootstrap / null resample
+    turns an O(n²·d) metric into O(n²) per resample. `ids` remembers the original token of each
+    row, so duplicated tokens of a bootstrap resample are not each other's neighbours.
+    """
+
+    def __init__(self, M: np.ndarray, ids: np.ndarray | None = None):
+        self.M = M
+        self.ids = np.arange(M.shape[0]) if ids is None else ids
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.M.shape
+
+    def __len__(self) -> int:
+        return self.M.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> "Pairwise":
+        return Pairwise(self.M[np.ix_(rows, rows)], self.ids[rows])
+
+
+def linear_gram(X: Any) -> Pairwise:
+    """Gram matrix `[n, n]` of centered rows; works for dense or scipy-sparse X (SAE codes)."""
+    if sparse.issparse(X):
+        X = sparse.csr_matrix(X, dtype=np.float64)
+        K = np.asarray((X @ X.T).todense())
+        return Pairwise(_double_center(K))
+    Xc = _center(X)
+    return Pairwise(Xc @ Xc.T)
+
+
+def rbf_gram(X: Any, sigma_frac: float = 0.8) -> Pairwise:
+    return Pairwise(_rbf_gram(_center(X), sigma_frac))
+
+
+def correlation_rdm(X: Any) -> Pairwise:
+    """1 - Pearson correlation between token vectors (Kriegeskorte et al. 2008)."""
+    return Pairwise(squareform(np.nan_to_num(pdist(_dense32(X), "correlation"), nan=1.0), checks=False))
+
+
+def cosine_sim(X: Any) -> Pairwise:
+    Z = _dense32(X.toarray() if sparse.issparse(X) else X).astype(np.float64)
+    Z /= np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
+    return Pairwise(Z @ Z.T)
+
+
+def _double_center(K: np.ndarray) -> np.ndarray:
+    return K - K.mean(0) - K.mean(1)[:, None] + K.mean()
+
+
+def cka_pairwise(K: Pairwise, L: Pairwise) -> float:
+    """CKA = ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) for any kernel (linear or RBF) Gram matrices."""
+    Kc, Lc = _double_center(K.M), _double_center(L.M)
+    den = np.linalg.norm(Kc) * np.linalg.norm(Lc)
+    return float(np.sum(Kc * Lc) / den) if den > 0 else float("nan")
+
+
+def debiased_cka_pairwise(K: Pairwise, L: Pairwise) -> float:
+    """Debiased CKA from linear Gram matrices (unbiased HSIC, Song et al. 2012)."""
+    if len(K) < 4:
+        return float("nan")
+    hxy, hxx, hyy = _hsic_unbiased_gram(K.M, L.M), _hsic_unbiased_gram(K.M, K.M), _hsic_unbiased_gram(L.M, L.M)
+    return float(hxy / np.sqrt(hxx * hyy)) if hxx * hyy > 0 else float("nan")
+
+
+def rsa_pairwise(Da: Pairwise, Db: Pairwise) -> float:
+    """Spearman between the upper triangles of two RDMs, skipping pairs of duplicated tokens."""
+    iu = np.triu_indices(len(Da), 1)
+    ok = (Da.ids[iu[0]] != Da.ids[iu[1]]) & (Db.ids[iu[0]] != Db.ids[iu[1]])
+    if ok.sum() < 3:
+        return float("nan")
+    return float(sps.spearmanr(Da.M[iu][ok], Db.M[iu][ok]).statistic)
+
+
+def mutual_knn_pairwise(Sa: Pairwise, Sb: Pairwise, k: int = 10) -> float:
+    """Mutual kNN (Huh et al. 2024) from cosine-similarity matrices; copies of a token are excluded."""
+    n = len(Sa)
+    if n <= k + 1:
+        return float("nan")
+
+    def knn(S: Pairwise) -> np.ndarray:
+        M = np.where(S.ids[:, None] == S.ids[None, :], -np.inf, S.M)
+        return np.argpartition(-M, k, axis=1)[:, :k]
+
+    na, nb = knn(Sa), knn(Sb)
+    in_a = np.zeros((n, n), bool)
+    in_a[np.arange(n)[:, None], na] = True
+    return float(in_a[np.arange(n)[:, None], nb].sum(1).mean() / k)

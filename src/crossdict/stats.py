@@ -124,8 +124,19 @@ def _take(X: Any, rows: np.ndarray) -> Any:
     return X[rows]
 
 
+def _summarise(value: float, boots: list[float], nulls: list[float], alpha: float, n: int, p_count: int) -> MetricResult:
+    boots, nulls = np.asarray(boots, np.float64), np.asarray(nulls, np.float64)
+    lo = hi = null_mean = p = math.nan
+    if boots.size and np.isfinite(boots).any():
+        lo, hi = np.nanpercentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    if nulls.size and np.isfinite(nulls).any():
+        null_mean = float(np.nanmean(nulls))
+        p = permutation_p_value(value, nulls) if np.isfinite(value) else math.nan
+    return MetricResult(float(value), float(lo), float(hi), null_mean, p, n_tokens=n, n_passages=p_count)
+
+
 def with_ci(
-    metric_fn: Callable[[Any, Any], float],
+    metric_fn: Callable[[Any, Any], float | dict[str, float]],
     X_a: Any,
     X_b: Any,
     passage_ids: np.ndarray,
@@ -134,31 +145,47 @@ def with_ci(
     rng: np.random.Generator | None = None,
     alpha: float = 0.05,
     min_passages: int = 2,
-) -> MetricResult:
+) -> MetricResult | dict[str, MetricResult]:
     """Value, percentile cluster-bootstrap CI, shuffled-pairing null mean and permutation p-value.
 
-    X_a `[n, d_a]`, X_b `[n, d_b]` (arrays or scipy sparse rows), passage_ids `[n]`; row i of X_a
-    and X_b are the two models on the same characters. `metric_fn(X_a, X_b) -> float`, larger
-    meaning more similar. The p-value is one-sided: P(null >= observed), +1 corrected.
+    X_a `[n, d_a]`, X_b `[n, d_b]` (arrays, scipy-sparse rows or `metrics.Pairwise`), passage_ids
+    `[n]`; row i of X_a and X_b are the two models on the same characters.
+    `metric_fn(X_a, X_b)` returns a float (larger = more similar) or a dict of them (several
+    metrics sharing one expensive step); the result has the same shape. The p-value is
+    one-sided, P(null >= observed), with the +1 correction.
     """
     rng = np.random.default_rng() if rng is None else rng
     idx = passage_index(passage_ids)
     if n_boot or n_null:
         require_passages(idx.n_passages, max(2, min_passages), "a bootstrap CI / shuffled-pairing null")
-    value = float(metric_fn(X_a, X_b))
-    boots = []
+    as_dict = lambda v: v if isinstance(v, dict) else {"_": v}  # noqa: E731
+    value = as_dict(metric_fn(X_a, X_b))
+    boots: dict[str, list[float]] = {k: [] for k in value}
+    nulls: dict[str, list[float]] = {k: [] for k in value}
     for _ in range(n_boot):
         r = bootstrap_rows(idx, rng)
-        boots.append(metric_fn(_take(X_a, r), _take(X_b, r)))
-    boots = np.array(boots, dtype=np.float64)
-    nulls = []
+        for k, v in as_dict(metric_fn(_take(X_a, r), _take(X_b, r))).items():
+            boots[k].append(v)
     for _ in range(n_null):
         ra, rb = shuffled_pairing(idx, rng)
-        nulls.append(metric_fn(_take(X_a, ra), _take(X_b, rb)))
-    nulls = np.array(nulls, dtype=np.float64)
-    lo, hi = math.nan, math.nan
-    if n_boot and np.isfinite(boots).any():
-        lo, hi = np.nanpercentile(boots, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    null_mean = float(np.nanmean(nulls)) if n_null and np.isfinite(nulls).any() else math.nan
-    p = permutation_p_value(value, nulls) if n_null else math.nan
-    return MetricResult(value, float(lo), float(hi), null_mean, p, n_tokens=len(passage_ids), n_passages=idx.n_passages)
+        for k, v in as_dict(metric_fn(_take(X_a, ra), _take(X_b, rb))).items():
+            nulls[k].append(v)
+    out = {k: _summarise(value[k], boots[k], nulls[k], alpha, len(passage_ids), idx.n_passages) for k in value}
+    return out["_"] if list(out) == ["_"] else out
+
+
+def passage_subsample(passage_ids: np.ndarray, max_rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows `[<= max_rows]` of randomly chosen whole passages (keeps the cluster structure intact)."""
+    idx = passage_index(passage_ids)
+    if len(passage_ids) <= max_rows:
+        return np.arange(len(passage_ids))
+    rows = []
+    total = 0
+    for g in rng.permutation(idx.n_passages):
+        if total + idx.counts[g] > max_rows and total > 0:
+            continue
+        rows.append(idx.order[idx.starts[g] : idx.starts[g] + idx.counts[g]])
+        total += idx.counts[g]
+        if total >= max_rows:
+            break
+    return np.sort(np.concatenate(rows))
