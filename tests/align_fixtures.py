@@ -37,7 +37,7 @@ def random_sae(d_in: int, d_sae: int, k: int, seed: int) -> StandInSAE:
 
 
 def write_synthetic_cache(
-    cache_dir: Path, n_passages: int = 40, tokens: int = 30, layers_a=(1, 3), layers_b=(2, 4),
+    cache_dir: Path, n_passages: int = 60, tokens: int = 25, layers_a=(1, 3), layers_b=(2, 4),
     d_a: int = 24, d_b: int = 16, n_latent: int = 8, seed: int = 0, random_b: bool = False,
 ) -> None:  # fmt: skip
     """A cache where both models read the same latent signal z through different linear maps.

@@ -35,8 +35,9 @@ from .metrics import (
     correlation_rdm,
     cosine_sim,
     cka_pairwise,
+    HeldoutCCA,
+    cka_family,
     debiased_cka_pairwise,
-    feature_family,
     linear_gram,
     match_invariance,
     mutual_knn_pairwise,
@@ -210,12 +211,17 @@ def _pairwise_metrics(A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: n
     return out
 
 
-def resid_metrics(p: Paired, acfg: AlignConfig, rng: np.random.Generator) -> dict[str, MetricResult]:
-    """All similarity metrics on raw activations of held-out anchors (≤ metric_max_tokens rows)."""
-    sub = passage_subsample(p.pid, acfg.metric_max_tokens, rng)
-    q = p.rows(sub)
-    keep = acfg.svcca_variance
-    out = _ci(lambda X, Y: feature_family(X, Y, keep), q.xa, q.xb, q.pid, acfg, rng)
+def resid_metrics(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Generator) -> dict[str, MetricResult]:
+    """All similarity metrics on raw activations of held-out anchors (≤ metric_max_tokens rows).
+
+    SVCCA/PWCCA directions are fitted on the train anchors (see `metrics.HeldoutCCA`).
+    """
+    sub = passage_subsample(ho.pid, acfg.metric_max_tokens, rng)
+    q = ho.rows(sub)
+    out = _ci(cka_family, q.xa, q.xb, q.pid, acfg, rng)
+    hcca = HeldoutCCA.fit(tr.xa, tr.xb, acfg.svcca_variance)
+    U, V = hcca.variates(ho.xa, ho.xb)  # all held-out rows: scoring k-dim variates is cheap
+    out.update(_ci(hcca.score, U, V, ho.pid, acfg, rng))
     out.update(_pairwise_metrics(q.xa, q.xb, q.pid, acfg, rng, rbf=True))
     return out
 
@@ -314,7 +320,7 @@ def _align_pair(cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache 
         mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name)
         mp.save(map_dir(cfg.run_dir, la, lb))
     rep.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb)
-    rep.metrics += _rows(la, lb, "resid", resid_metrics(ho, acfg, rng))
+    rep.metrics += _rows(la, lb, "resid", resid_metrics(tr, ho, acfg, rng))
 
     if rcache is not None:  # floor: trained A against randomly initialised B on the same anchors
         if lb in rcache.layers("b"):
@@ -322,7 +328,7 @@ def _align_pair(cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache 
             rb_ho = Paired(ho.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("heldout")[:, 1]), ho.pid)
             floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
             rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, acfg, rng, la, lb, suffix=":random_b")
-            rep.metrics += _rows(la, lb, "resid_random_b", resid_metrics(rb_ho, acfg, rng))
+            rep.metrics += _rows(la, lb, "resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
 
