@@ -98,7 +98,9 @@ class AlignConfig:
     """Train anchors used to choose feature matches."""
     n_match_bootstrap: int = 20
     """Passage-bootstrap resamples for match stability (each recomputes an m_a × m_b correlation)."""
-    match_pvalue: Literal["pooled", "empirical", "normal"] = "pooled"
+    n_match_null: int = 1000
+    """Shuffled-pairing draws per matched pair; the smallest possible p-value is 1/(n_match_null+1)."""
+    match_pvalue: Literal["empirical", "pooled", "normal"] = "empirical"
     """Per-match p-value from the shuffled-pairing null; see `matching.p_values`."""
     mknn_k: int = 10
     retrieval_queries: int = 5000
@@ -192,6 +194,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "n_bootstrap": (lambda v: v >= 0, "an integer >= 0"),
     "n_null": (lambda v: v >= 0, "an integer >= 0"),
     "n_match_bootstrap": (lambda v: v >= 0, "an integer >= 0"),
+    "n_match_null": (lambda v: v >= 0, "an integer >= 0"),
     "metric_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
     "pairwise_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
     "min_passages": (lambda v: v >= 2, "an integer >= 2"),

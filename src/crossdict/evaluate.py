@@ -273,7 +273,7 @@ def sae_block(
         dec_a = dec_a @ rotation  # A's decoder directions expressed in B's residual basis
     matches = match_features(
         ctr_a, ctr_b, pid_tr[sub], cho_a, cho_b, pid_ho, dec_a, dec_b,
-        n_null=acfg.n_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng,
+        n_null=acfg.n_match_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng,
     )  # fmt: skip
     metrics = code_metrics(cho_a, cho_b, pid_ho, matches.get("hungarian"), acfg, rng)
     alive_a = int(np.count_nonzero(np.asarray((cho_a > 0).sum(0)).ravel()))

@@ -5,8 +5,9 @@ resampling is done over *passages* (a cluster bootstrap), never over tokens: res
 would treat ~100 near-copies as independent evidence and give CIs that are far too narrow.
 
 The null for "A and B share structure" keeps each model's own statistics intact and destroys
-only the pairing: A's passage i is paired with B's passage pi(i) (pi a derangement), tokens
-matched by their rank within the passage and truncated to the shorter passage. Any metric that
+only the pairing: A's passage i is paired with B's passage pi(i) (pi a uniform random
+permutation, see `shuffled_pairing`), tokens matched by their rank within the passage and
+truncated to the shorter passage. Any metric that
 still looks "similar" under this null does so because of marginal structure (anisotropy, token
 frequency effects, finite-sample bias of CCA), not because the models agree on the same text.
 """
@@ -90,13 +91,22 @@ def derangement(p: int, rng: np.random.Generator) -> np.ndarray:
     return perm
 
 
-def shuffled_pairing(idx: PassageIndex, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def shuffled_pairing(idx: PassageIndex, rng: np.random.Generator, derange: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Null pairing: rows of A's passage g meet rows of B's passage pi(g), matched by rank.
+
+    pi is a uniform random permutation of the passages. Drawing from the whole group S_P
+    (fixed points allowed) is what makes the +1 permutation p-value exact: the observed
+    pairing is then exchangeable with the draws. Derangements (`derange=True`) look cleaner but
+    never pair a passage with itself, so every draw lives on the same off-diagonal set of
+    passage pairings and the observed (diagonal) one is not exchangeable with them; with sparse
+    SAE codes that made p <= 0.001 ten times too frequent in simulation. The price of S_P is
+    that ~1 passage per draw keeps its true partner, pulling null_mean up by ~value/P.
 
     Returns `(rows_a [n'], rows_b [n'])`, n' <= n because each pair is truncated to the shorter
     of the two passages.
     """
-    partner = derangement(idx.n_passages, rng)[idx.inverse]  # B's passage for every A row
+    perm = derangement(idx.n_passages, rng) if derange else rng.permutation(idx.n_passages)
+    partner = perm[idx.inverse]  # B's passage for every A row
     keep = idx.rank < idx.counts[partner]
     rows_a = np.nonzero(keep)[0]
     rows_b = idx.order[idx.starts[partner[keep]] + idx.rank[keep]]
