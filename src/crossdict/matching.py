@@ -140,6 +140,13 @@ def mutual_nn(sim_rows: Callable[[int, int], np.ndarray], m_a: int, m_b: int, bl
     return ia, row_best[ia]
 
 
+def _top_per_row(block: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) indices of each row's c largest entries of block `[b, m]`, as flat arrays `[b·c]`."""
+    c = min(c, block.shape[1])
+    top = np.argpartition(block, block.shape[1] - c, axis=1)[:, -c:]
+    return np.repeat(np.arange(block.shape[0]), c), top.ravel().copy()
+
+
 def hungarian(S: np.ndarray, n_candidates: int = 16, dense_max: int = DENSE_HUNGARIAN_MAX) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one assignment maximising total similarity S `[m_a, m_b]`.
 
@@ -152,19 +159,14 @@ def hungarian(S: np.ndarray, n_candidates: int = 16, dense_max: int = DENSE_HUNG
     m_a, m_b = S.shape
     if m_a * m_b <= dense_max:
         return linear_sum_assignment(S, maximize=True)
-    c = min(n_candidates, m_b)
     rows, cols = [], []
-    for r0 in range(0, m_a, 1024):
-        top = np.argpartition(-S[r0 : r0 + 1024], c - 1, axis=1)[:, :c]
-        rows.append(np.repeat(np.arange(r0, r0 + len(top)), c))
-        cols.append(top.ravel())
-    c = min(n_candidates, m_a)
-    for c0 in range(0, m_b, 1024):
-        top = np.argpartition(-S[:, c0 : c0 + 1024], c - 1, axis=0)[:c]  # [c, block]
-        rows.append(top.ravel())
-        cols.append(np.tile(np.arange(c0, c0 + top.shape[1]), c))
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    key = np.unique(rows * m_b + cols)
+    for r0 in range(0, m_a, 256):  # each row's top candidates
+        rows_, cols_ = _top_per_row(S[r0 : r0 + 256], n_candidates)
+        rows.append(rows_ + r0), cols.append(cols_)
+    for c0 in range(0, m_b, 256):  # each column's top candidates (on a transposed copy of a slab)
+        cols_, rows_ = _top_per_row(np.ascontiguousarray(S[:, c0 : c0 + 256].T), n_candidates)
+        rows.append(rows_), cols.append(cols_ + c0)
+    key = np.unique(np.concatenate(rows) * m_b + np.concatenate(cols))
     rows, cols = key // m_b, key % m_b
     # +2 keeps every weight strictly positive (LAPJVsp needs non-zero weights); dummies sit at 0 + 2.
     w = np.concatenate([S[rows, cols].astype(np.float64) + 2.0, np.full(m_a, 2.0)])
