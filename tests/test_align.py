@@ -280,3 +280,17 @@ def test_random_cache_with_other_anchors_is_rejected(tmp_path):
     write_synthetic_cache(cfg.run_dir / "cache_random", n_passages=20)
     with pytest.raises(ValueError, match="anchor count mismatch"):
         run_align(cfg)
+
+
+def test_fast_r2_ci_equals_generic_with_ci(rng):
+    """r2_with_ci's sufficient-statistics shortcut gives the same numbers as with_ci(r2_score)."""
+    from crossdict.align import r2_with_ci
+    from crossdict.stats import with_ci
+
+    pid = np.repeat(np.arange(25), 12)
+    Y = rng.standard_normal((300, 7)) + 50.0  # large mean: the shortcut must not cancel
+    Y_hat = Y + 0.5 * rng.standard_normal(Y.shape)
+    fast = r2_with_ci(Y_hat, Y, pid, 30, 30, np.random.default_rng(5))
+    slow = with_ci(r2_score, Y_hat, Y, pid, 30, 30, np.random.default_rng(5))
+    for f in ("value", "ci_low", "ci_high", "null_mean", "p_value"):
+        assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-4, abs=1e-6), f

@@ -93,7 +93,9 @@ class AlignConfig:
     metric_max_tokens: int = 2000
     """Held-out anchors (whole passages) on which each metric and its bootstrap / null are computed."""
     pairwise_max_tokens: int = 1000
-    """Subsample for the O(n²) metrics (RBF CKA, RSA, mutual kNN)."""
+    """Subsample for the O(n²) metrics (RBF CKA, mutual kNN)."""
+    rsa_max_tokens: int = 500
+    """Subsample for RSA (each resample ranks n²/2 distances)."""
     match_max_tokens: int = 100_000
     """Train anchors used to choose feature matches."""
     n_match_bootstrap: int = 20
@@ -197,6 +199,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "n_match_null": (lambda v: v >= 0, "an integer >= 0"),
     "metric_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
     "pairwise_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
+    "rsa_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
     "min_passages": (lambda v: v >= 2, "an integer >= 2"),
     "min_anchors": (lambda v: v >= 4, "an integer >= 4"),
     "retrieval_candidates": (lambda v: v >= 2, "an integer >= 2"),

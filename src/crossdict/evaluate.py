@@ -21,13 +21,13 @@ import csv
 import io
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .align import fit_maps, map_dir, procrustes_rotation, r2_score, retrieval_accuracy
+from .align import fit_maps, map_dir, procrustes_rotation, r2_with_ci, retrieval_accuracy
 from .cache import ActivationCache
 from .config import AlignConfig, RunConfig
 from .matching import MATCH_COLUMNS, Matches, encode_sparse, match_features
@@ -43,7 +43,8 @@ from .metrics import (
     mutual_knn_pairwise,
     rbf_gram,
     rsa_pairwise,
-    topk_overlap,
+    jaccard_sets,
+    topk_sets,
 )
 from .stats import InsufficientDataError, MetricResult, passage_subsample, with_ci
 from .utils import atomic_write_text
@@ -205,7 +206,8 @@ def _pairwise_metrics(A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: n
     out = {}
     if rbf:
         out["rbf_cka"] = _ci(cka_pairwise, rbf_gram(A), rbf_gram(B), pid, acfg, rng)
-    out["rsa"] = _ci(rsa_pairwise, correlation_rdm(A), correlation_rdm(B), pid, acfg, rng)
+    rsub = passage_subsample(pid, acfg.rsa_max_tokens, rng)  # Spearman ranks n²/2 distances per resample
+    out["rsa"] = _ci(rsa_pairwise, correlation_rdm(A[rsub]), correlation_rdm(B[rsub]), pid[rsub], acfg, rng)
     k = acfg.mknn_k
     out["mutual_knn"] = _ci(lambda P, Q: mutual_knn_pairwise(P, Q, k), cosine_sim(A), cosine_sim(B), pid, acfg, rng)
     return out
@@ -220,8 +222,8 @@ def resid_metrics(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Gene
     q = ho.rows(sub)
     out = _ci(cka_family, q.xa, q.xb, q.pid, acfg, rng)
     hcca = HeldoutCCA.fit(tr.xa, tr.xb, acfg.svcca_variance)
-    U, V = hcca.variates(ho.xa, ho.xb)  # all held-out rows: scoring k-dim variates is cheap
-    out.update(_ci(hcca.score, U, V, ho.pid, acfg, rng))
+    U, V = hcca.variates(q.xa, q.xb)
+    out.update(_ci(hcca.score, U, V, q.pid, acfg, rng))
     out.update(_pairwise_metrics(q.xa, q.xb, q.pid, acfg, rng, rbf=True))
     return out
 
@@ -238,8 +240,8 @@ def code_metrics(ca: Any, cb: Any, pid: np.ndarray, hung: Matches | None, acfg: 
     out = {"linear_cka": _ci(cka_pairwise, Ka, Kb, pid, acfg, rng), "debiased_cka": _ci(debiased_cka_pairwise, Ka, Kb, pid, acfg, rng)}
     out.update(_pairwise_metrics(ca, cb, pid, acfg, rng, rbf=False))
     if hung is not None and len(hung):
-        fa, fb, k = hung.feat_a, hung.feat_b, acfg.top_k_overlap
-        out["topk_overlap"] = _ci(lambda A, B: topk_overlap(A, B, fa, fb, k), ca, cb, pid, acfg, rng)
+        ta, tb = topk_sets(ca, cb, hung.feat_a, hung.feat_b, acfg.top_k_overlap)  # once; resamples index rows
+        out["topk_overlap"] = _ci(jaccard_sets, ta, tb, pid, acfg, rng)
     return out
 
 
@@ -285,7 +287,7 @@ def _score_maps(maps: dict, tr_n: int, ho: Paired, acfg: AlignConfig, rng: np.ra
     rows = []
     for name, mp in maps.items():
         y_hat = mp.transform(ho.xa)
-        r2 = with_ci(r2_score, y_hat, ho.xb, ho.pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=2)
+        r2 = r2_with_ci(y_hat, ho.xb, ho.pid, acfg.n_bootstrap, acfg.n_null, rng)
         ret = retrieval_accuracy(y_hat, ho.xb, acfg.retrieval_candidates, rng, acfg.retrieval_queries)
         if ret["candidates"] < acfg.retrieval_candidates:
             log.info("layers (%d, %d): only %d held-out anchors, retrieval uses M=%d candidates", la, lb, ho.n, ret["candidates"])
@@ -307,6 +309,7 @@ class Report:
     alignment: list[dict]
     matches: list[dict]
     seed_matches: list[dict]
+    ceilings_done: set = field(default_factory=set)
 
 
 def _align_pair(cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache | None, la: int, lb: int, rng: np.random.Generator, rep: Report) -> None:
@@ -342,7 +345,9 @@ def _align_pair(cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache 
             rep.matches += m.rows(la, lb)
 
     for key, layer, x_tr, x_ho in (("a", la, tr.xa, ho.xa), ("b", lb, tr.xb, ho.xb)):
-        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep)
+        if (key, layer) not in rep.ceilings_done:  # a layer can appear in several pairs
+            rep.ceilings_done.add((key, layer))
+            _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep)
 
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
@@ -375,16 +380,16 @@ def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator)
     pairs = pairs[sub]
 
     def prep(key: str, layer: int, col: int) -> tuple[np.ndarray, float]:
-        X = cache.acts(key, layer).take(pairs[:, col]).astype(np.float64)
-        X -= X.mean(0)
-        return X, float(np.linalg.norm(X.T @ X))
+        X = cache.acts(key, layer).take(pairs[:, col])  # float32 [n, d]
+        X -= X.mean(0, dtype=np.float64).astype(np.float32)
+        return X, float(np.linalg.norm((X.T @ X).astype(np.float64)))
 
     side_b = {lb: prep("b", lb, 1) for lb in cache.layers("b")}
     rows = []
     for la in cache.layers("a"):
         Xa, na = prep("a", la, 0)
         for lb, (Xb, nb) in side_b.items():
-            cka = float(np.sum((Xa.T @ Xb) ** 2) / (na * nb)) if na * nb > 0 else math.nan
+            cka = float(np.sum((Xa.T @ Xb).astype(np.float64) ** 2) / (na * nb)) if na * nb > 0 else math.nan
             rows.append({"layer_a": la, "layer_b": lb, "cka": cka})
     return rows
 

@@ -91,8 +91,9 @@ def code_correlation(
         if dense:
             acc += wa.toarray().T @ cb[s : s + block_rows].toarray()
         else:
-            prod = (wa.T @ cb[s : s + block_rows]).tocoo()
-            prod.sum_duplicates()
+            # a CSR product has no duplicate entries (csr_matmat uses a dense row accumulator),
+            # so the fancy-index += below is safe without an expensive sum_duplicates sort
+            prod = (wa.T.tocsr() @ cb[s : s + block_rows]).tocoo()
             acc[prod.row, prod.col] += prod.data
     mean_a, sd_a = _mean_sd(ca, w)
     mean_b, sd_b = _mean_sd(cb, w)

@@ -325,24 +325,35 @@ def _topk_active(C: Any, k: int, sentinel: int) -> np.ndarray:
     return np.where(val > 0, idx, sentinel)
 
 
-def topk_overlap(codes_a: Any, codes_b: Any, feat_a: np.ndarray, feat_b: np.ndarray, k: int = 8, block_rows: int = 4096) -> float:
+def topk_sets(codes_a: Any, codes_b: Any, feat_a: np.ndarray, feat_b: np.ndarray, k: int = 8, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, A's top-k active features mapped into B's index space (-1 = none / unmatched)
+    and B's top-k active features (-2 = none): two int arrays `[n, k]` that resample by row."""
+    to_b = np.full(codes_a.shape[1], -1, np.int64)
+    to_b[np.asarray(feat_a, np.int64)] = np.asarray(feat_b, np.int64)
+    ta, tb = [], []
+    for s in range(0, codes_a.shape[0], block_rows):
+        a = _topk_active(codes_a[s : s + block_rows], k, -1)
+        ta.append(np.where(a >= 0, to_b[np.maximum(a, 0)], -1))
+        tb.append(_topk_active(codes_b[s : s + block_rows], k, -2))
+    return np.concatenate(ta), np.concatenate(tb)
+
+
+def jaccard_sets(ta: np.ndarray, tb: np.ndarray) -> float:
+    """Mean per-row Jaccard of two index sets `[n, k]` (negative entries = empty slots);
+    rows where both sets are empty are skipped."""
+    inter = ((ta[:, :, None] == tb[:, None, :]) & (ta[:, :, None] >= 0)).sum((1, 2))
+    union = (ta >= 0).sum(1) + (tb >= 0).sum(1) - inter
+    ok = union > 0
+    return float(np.mean(inter[ok] / union[ok])) if ok.any() else float("nan")
+
+
+def topk_overlap(codes_a: Any, codes_b: Any, feat_a: np.ndarray, feat_b: np.ndarray, k: int = 8) -> float:
     """Mean per-token Jaccard between B's top-k active features and A's top-k mapped through the matching.
 
     codes_a `[n, m_a]`, codes_b `[n, m_b]`; (feat_a[i], feat_b[i]) are matched pairs. A features
     without a match drop out of A's set. Tokens where both sets are empty are skipped.
     """
-    to_b = np.full(codes_a.shape[1], -1, np.int64)
-    to_b[np.asarray(feat_a, np.int64)] = np.asarray(feat_b, np.int64)
-    scores = []
-    for s in range(0, codes_a.shape[0], block_rows):
-        ta = _topk_active(codes_a[s : s + block_rows], k, -1)
-        ta = np.where(ta >= 0, to_b[np.maximum(ta, 0)], -1)  # mapped into B's index space, -1 = none
-        tb = _topk_active(codes_b[s : s + block_rows], k, -2)
-        inter = ((ta[:, :, None] == tb[:, None, :]) & (ta[:, :, None] >= 0)).sum((1, 2))
-        union = (ta >= 0).sum(1) + (tb >= 0).sum(1) - inter
-        scores.append(inter[union > 0] / union[union > 0])
-    scores = np.concatenate(scores) if scores else np.zeros(0)
-    return float(scores.mean()) if scores.size else float("nan")
+    return jaccard_sets(*topk_sets(codes_a, codes_b, feat_a, feat_b, k))
 
 
 def match_invariance(stability: np.ndarray) -> float:
@@ -372,8 +383,9 @@ def cka_family(X: Any, Y: Any) -> dict[str, float]:
 def columnwise_corr(U: np.ndarray, V: np.ndarray) -> np.ndarray:
     """Pearson correlation `[k]` of column i of U `[n, k]` with column i of V."""
     U, V = U - U.mean(0), V - V.mean(0)
-    den = np.sqrt(np.sum(U**2, 0) * np.sum(V**2, 0))
-    return np.where(den > 0, np.sum(U * V, 0) / np.where(den > 0, den, 1.0), 0.0)
+    den = np.sqrt(np.einsum("ij,ij->j", U, U, dtype=np.float64) * np.einsum("ij,ij->j", V, V, dtype=np.float64))
+    num = np.einsum("ij,ij->j", U, V, dtype=np.float64)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
 
 
 @dataclass
@@ -399,8 +411,11 @@ class HeldoutCCA:
 
     def variates(self, X: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
         """Canonical variates `[n, k_sv + k_pw]` of new rows (SVCCA directions, then PWCCA's)."""
-        Xc, Yc = _float(X) - self.mean_x, _float(Y) - self.mean_y
-        return Xc @ np.concatenate([self.sv.a, self.pw.a], 1), Yc @ np.concatenate([self.sv.b, self.pw.b], 1)
+        Xc = _float(X) - self.mean_x.astype(np.float32)
+        Yc = _float(Y) - self.mean_y.astype(np.float32)
+        A = np.concatenate([self.sv.a, self.pw.a], 1).astype(np.float32)
+        B = np.concatenate([self.sv.b, self.pw.b], 1).astype(np.float32)
+        return Xc @ A, Yc @ B
 
     def score(self, U: np.ndarray, V: np.ndarray) -> dict[str, float]:
         rho = columnwise_corr(U, V)

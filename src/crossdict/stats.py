@@ -151,7 +151,7 @@ def bc_percentile_ci(value: float, boots: np.ndarray, alpha: float = 0.05) -> tu
     return float(lo), float(hi)
 
 
-def _summarise(value: float, boots: list[float], nulls: list[float], alpha: float, n: int, p_count: int) -> MetricResult:
+def summarise(value: float, boots: list[float], nulls: list[float], alpha: float, n: int, p_count: int) -> MetricResult:
     boots, nulls = np.asarray(boots, np.float64), np.asarray(nulls, np.float64)
     lo = hi = null_mean = p = math.nan
     if boots.size and np.isfinite(boots).any():
@@ -197,7 +197,7 @@ def with_ci(
         ra, rb = shuffled_pairing(idx, rng)
         for k, v in as_dict(metric_fn(_take(X_a, ra), _take(X_b, rb))).items():
             nulls[k].append(v)
-    out = {k: _summarise(value[k], boots[k], nulls[k], alpha, len(passage_ids), idx.n_passages) for k in value}
+    out = {k: summarise(value[k], boots[k], nulls[k], alpha, len(passage_ids), idx.n_passages) for k in value}
     return out["_"] if list(out) == ["_"] else out
 
 
