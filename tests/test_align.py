@@ -290,7 +290,8 @@ def test_fast_r2_ci_equals_generic_with_ci(rng):
     pid = np.repeat(np.arange(25), 12)
     Y = rng.standard_normal((300, 7)) + 50.0  # large mean: the shortcut must not cancel
     Y_hat = Y + 0.5 * rng.standard_normal(Y.shape)
-    fast = r2_with_ci(Y_hat, Y, pid, 30, 30, np.random.default_rng(5))
-    slow = with_ci(r2_score, Y_hat, Y, pid, 30, 30, np.random.default_rng(5))
-    for f in ("value", "ci_low", "ci_high", "null_mean", "p_value"):
-        assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-4, abs=1e-6), f
+    for ci in ("half_sample", "bootstrap"):
+        fast = r2_with_ci(Y_hat, Y, pid, 30, 30, np.random.default_rng(5), ci=ci)
+        slow = with_ci(r2_score, Y_hat, Y, pid, 30, 30, np.random.default_rng(5), ci=ci)
+        for f in ("value", "ci_low", "ci_high", "null_mean", "p_value"):
+            assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-4, abs=1e-6), (ci, f)

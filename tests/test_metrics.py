@@ -238,14 +238,15 @@ def test_with_ci_detects_shared_structure_and_its_absence(rng):
 
 def test_with_ci_too_few_passages_says_how_many():
     X = np.zeros((10, 2))
-    with pytest.raises(InsufficientDataError, match="at least 10 distinct passages"):
+    with pytest.raises(InsufficientDataError, match="needs at least 10 distinct passages"):
         with_ci(M.linear_cka, X, X, np.zeros(10), n_boot=5, n_null=5, min_passages=10)
 
 
-def test_cluster_bootstrap_ci_coverage():
-    """95% passage-bootstrap CIs of a correlation cover the population value in >= 90% of 100 sims.
+@pytest.mark.parametrize("ci", ["half_sample", "bootstrap"])
+def test_passage_resampling_ci_coverage(ci):
+    """95% passage-resampling CIs of a correlation cover the population value in >= 90% of 100 sims.
 
-    Tokens share a passage-level component, so a token bootstrap would under-cover here.
+    Tokens share a passage-level component, so resampling tokens would under-cover here.
     """
     rho, n_pass, per = 0.5, 60, 8
     corr = lambda a, b: float(np.corrcoef(a[:, 0], b[:, 0])[0, 1])  # noqa: E731
@@ -257,7 +258,7 @@ def test_cluster_bootstrap_ci_coverage():
         u = r.multivariate_normal([0, 0], [[1, rho], [rho, 1]], n_pass)[pid]
         e = r.multivariate_normal([0, 0], [[1, rho], [rho, 1]], len(pid))
         x, y = (u + e)[:, :1], (u + e)[:, 1:]
-        res = with_ci(corr, x, y, pid, n_boot=200, n_null=0, rng=r)
+        res = with_ci(corr, x, y, pid, n_boot=200, n_null=0, rng=r, ci=ci)
         covered += res.ci_low <= rho <= res.ci_high
     assert covered >= 90
 

@@ -29,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from scipy import linalg
 
 from .metrics import Moments, cca_from_moments, cross_moments
-from .stats import MetricResult, bootstrap_weights, passage_index, shuffled_pairing, summarise
+from .stats import MetricResult, passage_index, resample_weights, shuffled_pairing, summarise
 from .utils import atomic_path, atomic_write_json
 
 METHODS = ("procrustes", "svcca", "ridge")
@@ -154,11 +154,11 @@ def r2_score(Y_hat: np.ndarray, Y: np.ndarray) -> float:
 
 
 def r2_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray, n_boot: int, n_null: int,
-               rng: np.random.Generator, alpha: float = 0.05) -> MetricResult:  # fmt: skip
+               rng: np.random.Generator, alpha: float = 0.05, ci: str = "half_sample") -> MetricResult:  # fmt: skip
     """Held-out R² with a passage-bootstrap CI and its shuffled-pairing null (see `stats.with_ci`).
 
-    Same numbers as `with_ci(r2_score, ...)`, but from per-row sufficient statistics: a bootstrap
-    resample is a weighted sum (SSE = Σ w e_i, SST = Σ w ‖y_i‖² - ‖Σ w y_i‖² / Σ w), so only the
+    Same numbers as `with_ci(r2_score, ...)`, but from per-row sufficient statistics: a
+    resample (half-sample or bootstrap) is a weighted sum (SSE = Σ w e_i, SST = Σ w ‖y_i‖² - ‖Σ w y_i‖² / Σ w), so only the
     null draws, which re-pair rows, touch the `[n, d]` arrays.
     """
     # R² is unchanged by shifting Y and Ŷ together; centering first keeps SST = Σ‖y‖² - n‖ȳ‖²
@@ -177,14 +177,14 @@ def r2_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray, n_boot
     idx = passage_index(passage_ids)
     boots = []
     for _ in range(n_boot):
-        w = bootstrap_weights(idx, rng)
+        w = resample_weights(idx, rng, ci)
         boots.append(r2(w, err, yy, (w.astype(np.float32) @ Y).astype(np.float64)))
     nulls = []
     for _ in range(n_null):
         ra, rb = shuffled_pairing(idx, rng)
         e = yy[rb] + hh[ra] - 2 * np.einsum("ij,ij->i", Yh[ra], Y[rb], dtype=np.float64)
         nulls.append(r2(np.ones(len(rb)), e, yy[rb], Y[rb].sum(0, dtype=np.float64)))
-    return summarise(value, boots, nulls, alpha, len(Y), idx.n_passages)
+    return summarise(value, boots, nulls, alpha, len(Y), idx.n_passages, ci)
 
 
 def retrieval_accuracy(

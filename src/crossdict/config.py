@@ -84,6 +84,9 @@ class AlignConfig:
     ridge_alpha: float = 1.0
     svcca_variance: float = 0.99
     n_bootstrap: int = 200
+    """Passage resamples per CI (half-samples or bootstrap draws, see ci_method)."""
+    ci_method: Literal["half_sample", "bootstrap"] = "half_sample"
+    """CI from half-samples of passages (default) or the cluster bootstrap; see `stats.with_ci`."""
     n_null: int = 200
     retrieval_candidates: int = 1000
     top_k_overlap: int = 8

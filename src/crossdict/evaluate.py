@@ -196,7 +196,7 @@ def _plain(value: float) -> MetricResult:
 
 
 def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator) -> Any:
-    return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=2)
+    return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=4, ci=acfg.ci_method)
 
 
 def _pairwise_metrics(A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator, rbf: bool) -> dict[str, MetricResult]:
@@ -287,7 +287,7 @@ def _score_maps(maps: dict, tr_n: int, ho: Paired, acfg: AlignConfig, rng: np.ra
     rows = []
     for name, mp in maps.items():
         y_hat = mp.transform(ho.xa)
-        r2 = r2_with_ci(y_hat, ho.xb, ho.pid, acfg.n_bootstrap, acfg.n_null, rng)
+        r2 = r2_with_ci(y_hat, ho.xb, ho.pid, acfg.n_bootstrap, acfg.n_null, rng, ci=acfg.ci_method)
         ret = retrieval_accuracy(y_hat, ho.xb, acfg.retrieval_candidates, rng, acfg.retrieval_queries)
         if ret["candidates"] < acfg.retrieval_candidates:
             log.info("layers (%d, %d): only %d held-out anchors, retrieval uses M=%d candidates", la, lb, ho.n, ret["candidates"])

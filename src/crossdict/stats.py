@@ -83,6 +83,26 @@ def bootstrap_rows(idx: PassageIndex, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([idx.order[idx.starts[g] : idx.starts[g] + idx.counts[g]] for g in picks])
 
 
+def half_sample_weights(idx: PassageIndex, rng: np.random.Generator) -> np.ndarray:
+    """Half-sampling as 0/1 row weights `[n]`: a random half of the passages, without replacement."""
+    keep = np.zeros(idx.n_passages, bool)
+    keep[rng.choice(idx.n_passages, idx.n_passages // 2, replace=False)] = True
+    return keep[idx.inverse].astype(np.float64)
+
+
+def half_sample_rows(idx: PassageIndex, rng: np.random.Generator) -> np.ndarray:
+    """Half-sampling as a sorted row list (no token appears twice)."""
+    return np.nonzero(half_sample_weights(idx, rng))[0]
+
+
+def resample_rows(idx: PassageIndex, rng: np.random.Generator, ci: str) -> np.ndarray:
+    return half_sample_rows(idx, rng) if ci == "half_sample" else bootstrap_rows(idx, rng)
+
+
+def resample_weights(idx: PassageIndex, rng: np.random.Generator, ci: str) -> np.ndarray:
+    return half_sample_weights(idx, rng) if ci == "half_sample" else bootstrap_weights(idx, rng)
+
+
 def derangement(p: int, rng: np.random.Generator) -> np.ndarray:
     """A random permutation with no fixed point (one random cycle through all p items), p >= 2."""
     sigma = rng.permutation(p)
@@ -151,11 +171,30 @@ def bc_percentile_ci(value: float, boots: np.ndarray, alpha: float = 0.05) -> tu
     return float(lo), float(hi)
 
 
-def summarise(value: float, boots: list[float], nulls: list[float], alpha: float, n: int, p_count: int) -> MetricResult:
+def half_sample_ci(value: float, halves: np.ndarray, alpha: float = 0.05) -> tuple[float, float]:
+    """Interval from half-samples of passages: the estimate plus the half-samples' spread around
+    their median, [θ̂ + q_lo(θ* - med θ*), θ̂ + q_hi(θ* - med θ*)].
+
+    Drawing half of the P passages without replacement makes the spread of θ* match the
+    sampling spread of θ̂ for smooth statistics (the finite-population factor 1 - 1/2 cancels the
+    halved sample size; McCarthy 1969), and no token is repeated, so metrics built on
+    token-by-token similarity are not inflated by duplicated rows. We take only the spread, not
+    the shift: several metrics depend on n in ways that are not a simple c/n bias (kNN overlap
+    falls as points thin out, CKA's bias grows), so the half-samples' median is not a usable
+    bias estimate. Compare with null_mean / p_value for the question "is there any similarity".
+    """
+    d = halves - np.median(halves)
+    lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
+    return float(value + lo), float(value + hi)
+
+
+def summarise(value: float, boots: list[float], nulls: list[float], alpha: float, n: int, p_count: int,
+              ci: str = "half_sample") -> MetricResult:  # fmt: skip
     boots, nulls = np.asarray(boots, np.float64), np.asarray(nulls, np.float64)
     lo = hi = null_mean = p = math.nan
-    if boots.size and np.isfinite(boots).any():
-        lo, hi = bc_percentile_ci(value, boots[np.isfinite(boots)], alpha)
+    if boots.size and np.isfinite(boots).any() and np.isfinite(value):
+        fin = boots[np.isfinite(boots)]
+        lo, hi = half_sample_ci(value, fin, alpha) if ci == "half_sample" else bc_percentile_ci(value, fin, alpha)
     if nulls.size and np.isfinite(nulls).any():
         null_mean = float(np.nanmean(nulls))
         p = permutation_p_value(value, nulls) if np.isfinite(value) else math.nan
@@ -172,8 +211,16 @@ def with_ci(
     rng: np.random.Generator | None = None,
     alpha: float = 0.05,
     min_passages: int = 2,
+    ci: str = "half_sample",
 ) -> MetricResult | dict[str, MetricResult]:
-    """Value, cluster-bootstrap CI (bias-corrected percentile), shuffled-pairing null mean and p-value.
+    """Value, passage-resampling CI, shuffled-pairing null mean and permutation p-value.
+
+    CI (`ci`): "half_sample" (default) — the spread of n_boot half-samples of passages around
+    the estimate (`half_sample_ci`); "bootstrap" — cluster bootstrap (passages with
+    replacement), bias-corrected percentile (`bc_percentile_ci`). The cluster bootstrap repeats every drawn
+    passage's tokens, and repeated tokens inflate CKA/RSA/kNN-type metrics (an exact copy is a
+    perfect match in both spaces); with strong similarity that shift exceeded the sampling
+    spread and the bootstrap interval excluded the estimate, so half-sampling is the default.
 
     X_a `[n, d_a]`, X_b `[n, d_b]` (arrays, scipy-sparse rows or `metrics.Pairwise`), passage_ids
     `[n]`; row i of X_a and X_b are the two models on the same characters.
@@ -184,20 +231,20 @@ def with_ci(
     rng = np.random.default_rng() if rng is None else rng
     idx = passage_index(passage_ids)
     if n_boot or n_null:
-        require_passages(idx.n_passages, max(2, min_passages), "a bootstrap CI / shuffled-pairing null")
+        require_passages(idx.n_passages, max(4, min_passages), "a passage-resampling CI / shuffled-pairing null")
     as_dict = lambda v: v if isinstance(v, dict) else {"_": v}  # noqa: E731
     value = as_dict(metric_fn(X_a, X_b))
     boots: dict[str, list[float]] = {k: [] for k in value}
     nulls: dict[str, list[float]] = {k: [] for k in value}
     for _ in range(n_boot):
-        r = bootstrap_rows(idx, rng)
+        r = resample_rows(idx, rng, ci)
         for k, v in as_dict(metric_fn(_take(X_a, r), _take(X_b, r))).items():
             boots[k].append(v)
     for _ in range(n_null):
         ra, rb = shuffled_pairing(idx, rng)
         for k, v in as_dict(metric_fn(_take(X_a, ra), _take(X_b, rb))).items():
             nulls[k].append(v)
-    out = {k: summarise(value[k], boots[k], nulls[k], alpha, len(passage_ids), idx.n_passages) for k in value}
+    out = {k: summarise(value[k], boots[k], nulls[k], alpha, len(passage_ids), idx.n_passages, ci) for k in value}
     return out["_"] if list(out) == ["_"] else out
 
 
