@@ -67,7 +67,8 @@ class LinearMap:
         path = directory / f"{self.method}.safetensors"
         with atomic_path(path) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
-        atomic_write_json(directory / f"{self.method}.json", {"method": self.method, "d_a": self.d_a, "d_b": self.d_b, **self.meta})
+        meta = {"method": self.method, "d_a": self.d_a, "d_b": self.d_b, **self.meta}
+        atomic_write_json(directory / f"{self.method}.json", meta)
         return path
 
     @classmethod
@@ -108,7 +109,8 @@ def fit_procrustes(m: Moments, scale: bool = True) -> LinearMap:
     # Optimal isotropic scale for fixed R: tr(Rᵀ XcᵀYc) / ‖Xc‖² = Σσ / tr(XcᵀXc).
     c = float(s.sum() / np.trace(m.cxx)) if scale and np.trace(m.cxx) > 0 else 1.0
     W = c * R
-    return LinearMap("procrustes", W.astype(np.float32), (m.mean_y - m.mean_x @ W).astype(np.float32), R.astype(np.float32), {"scale": c})
+    bias = (m.mean_y - m.mean_x @ W).astype(np.float32)
+    return LinearMap("procrustes", W.astype(np.float32), bias, R.astype(np.float32), {"scale": c})
 
 
 def fit_ridge(m: Moments, alpha: float) -> LinearMap:
@@ -158,7 +160,8 @@ def r2_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray, n_boot
     """Held-out R² with a passage-bootstrap CI and its shuffled-pairing null (see `stats.with_ci`).
 
     Same numbers as `with_ci(r2_score, ...)`, but from per-row sufficient statistics: a
-    resample (half-sample or bootstrap) is a weighted sum (SSE = Σ w e_i, SST = Σ w ‖y_i‖² - ‖Σ w y_i‖² / Σ w), so only the
+    resample (half-sample or bootstrap) is a weighted sum (SSE = Σ w e_i,
+    SST = Σ w ‖y_i‖² - ‖Σ w y_i‖² / Σ w), so only the
     null draws, which re-pair rows, touch the `[n, d]` arrays.
     """
     # R² is unchanged by shifting Y and Ŷ together; centering first keeps SST = Σ‖y‖² - n‖ȳ‖²

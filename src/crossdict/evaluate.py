@@ -110,20 +110,27 @@ def _require(tr: Paired, ho: Paired, acfg: AlignConfig, la: int, lb: int) -> Non
         )
 
 
-def _layer_pairs(cfg: RunConfig, cache: ActivationCache, layers_a: list[int] | None, layers_b: list[int] | None) -> list[tuple[int, int]]:
+def _layer_pairs(
+    cfg: RunConfig, cache: ActivationCache, layers_a: list[int] | None, layers_b: list[int] | None
+) -> list[tuple[int, int]]:
     """Requested pairs: both lists -> paired by position; one list -> configured pairs filtered by it."""
     if layers_a is not None and layers_b is not None:
         if len(layers_a) != len(layers_b):
             raise ValueError(f"layers_a {layers_a} and layers_b {layers_b} must have the same length (paired by position)")
         pairs = list(zip(layers_a, layers_b))
     else:
-        pairs = [(a, b) for a, b in cfg.layer_pairs if (layers_a is None or a in layers_a) and (layers_b is None or b in layers_b)]
+        pairs = [
+            (a, b) for a, b in cfg.layer_pairs
+            if (layers_a is None or a in layers_a) and (layers_b is None or b in layers_b)
+        ]  # fmt: skip
     if not pairs:
         raise ValueError(f"no layer pairs to align: configured {cfg.layer_pairs}, requested a={layers_a} b={layers_b}")
     for a, b in pairs:
         for key, layer in (("a", a), ("b", b)):
             if layer not in cache.layers(key):
-                raise KeyError(f"layer {layer} of model {key} is not in the cache {cache.dir}; cached layers: {cache.layers(key)}")
+                raise KeyError(
+                    f"layer {layer} of model {key} is not in the cache {cache.dir}; cached layers: {cache.layers(key)}"
+                )
     return pairs
 
 
@@ -199,7 +206,9 @@ def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: n
     return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=4, ci=acfg.ci_method)
 
 
-def _pairwise_metrics(A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator, rbf: bool) -> dict[str, MetricResult]:
+def _pairwise_metrics(
+    A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator, rbf: bool
+) -> dict[str, MetricResult]:
     """O(n²) metrics on ≤ pairwise_max_tokens rows: token×token matrices built once, resampled by index."""
     sub = passage_subsample(pid, acfg.pairwise_max_tokens, rng)
     A, B, pid = A[sub], B[sub], pid[sub]
@@ -228,7 +237,9 @@ def resid_metrics(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Gene
     return out
 
 
-def code_metrics(ca: Any, cb: Any, pid: np.ndarray, hung: Matches | None, acfg: AlignConfig, rng: np.random.Generator) -> dict[str, MetricResult]:
+def code_metrics(
+    ca: Any, cb: Any, pid: np.ndarray, hung: Matches | None, acfg: AlignConfig, rng: np.random.Generator
+) -> dict[str, MetricResult]:
     """Metrics on SAE codes (CSR `[n, m]`) of held-out anchors.
 
     SVCCA/PWCCA are not computed here: with m ≈ 16k features and a few thousand tokens, every
@@ -237,7 +248,10 @@ def code_metrics(ca: Any, cb: Any, pid: np.ndarray, hung: Matches | None, acfg: 
     sub = passage_subsample(pid, acfg.metric_max_tokens, rng)
     ca, cb, pid = ca[sub], cb[sub], pid[sub]
     Ka, Kb = linear_gram(ca), linear_gram(cb)
-    out = {"linear_cka": _ci(cka_pairwise, Ka, Kb, pid, acfg, rng), "debiased_cka": _ci(debiased_cka_pairwise, Ka, Kb, pid, acfg, rng)}
+    out = {
+        "linear_cka": _ci(cka_pairwise, Ka, Kb, pid, acfg, rng),
+        "debiased_cka": _ci(debiased_cka_pairwise, Ka, Kb, pid, acfg, rng),
+    }
     out.update(_pairwise_metrics(ca, cb, pid, acfg, rng, rbf=False))
     if hung is not None and len(hung):
         ta, tb = topk_sets(ca, cb, hung.feat_a, hung.feat_b, acfg.top_k_overlap)  # once; resamples index rows
@@ -283,7 +297,9 @@ def sae_block(
     return metrics, matches
 
 
-def _score_maps(maps: dict, tr_n: int, ho: Paired, acfg: AlignConfig, rng: np.random.Generator, la: int, lb: int, suffix: str = "") -> list[dict]:
+def _score_maps(
+    maps: dict, tr_n: int, ho: Paired, acfg: AlignConfig, rng: np.random.Generator, la: int, lb: int, suffix: str = ""
+) -> list[dict]:
     rows = []
     for name, mp in maps.items():
         y_hat = mp.transform(ho.xa)
@@ -312,7 +328,10 @@ class Report:
     ceilings_done: set = field(default_factory=set)
 
 
-def _align_pair(cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache | None, la: int, lb: int, rng: np.random.Generator, rep: Report) -> None:
+def _align_pair(
+    cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache | None, la: int, lb: int,
+    rng: np.random.Generator, rep: Report,
+) -> None:  # fmt: skip
     acfg = cfg.align
     tr, ho = _load_paired(cache, la, lb, "train"), _load_paired(cache, la, lb, "heldout")
     _require(tr, ho, acfg, la, lb)

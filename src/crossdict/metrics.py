@@ -332,7 +332,9 @@ def _topk_active(C: Any, k: int, sentinel: int) -> np.ndarray:
     return np.where(val > 0, idx, sentinel)
 
 
-def topk_sets(codes_a: Any, codes_b: Any, feat_a: np.ndarray, feat_b: np.ndarray, k: int = 8, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def topk_sets(
+    codes_a: Any, codes_b: Any, feat_a: np.ndarray, feat_b: np.ndarray, k: int = 8, block_rows: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """Per token, A's top-k active features mapped into B's index space (-1 = none / unmatched)
     and B's top-k active features (-2 = none): two int arrays `[n, k]` that resample by row."""
     to_b = np.full(codes_a.shape[1], -1, np.int64)
