@@ -209,6 +209,7 @@ def test_run_align_end_to_end(toy_run, caplog):
             floor = got[(*pair, "resid_random_b", metric)]
             assert float(floor["value"]) < v, (pair, metric)
         assert float(got[(*pair, "resid", "linear_cka")]["value"]) > 0.5
+        assert float(got[(*pair, "resid_z", "linear_cka")]["value"]) > 0.5
         for metric in ("linear_cka", "debiased_cka", "rsa", "mutual_knn", "topk_overlap", "match_rate_hungarian", "invariance_hungarian"):
             assert (*pair, "sae", metric) in got
     assert (1, 1, "sae_seed_a", "match_rate_hungarian") in got and (4, 4, "sae_seed_b", "linear_cka") in got
@@ -221,6 +222,7 @@ def test_run_align_end_to_end(toy_run, caplog):
             assert float(by[(la, m)]["r2"]) > 0.3
             assert float(by[(la, m)]["top1"]) > 5 * float(by[(la, m)]["chance_top1"])
             assert float(by[(la, m + ":random_b")]["r2"]) < 0.1  # floor: nothing to align with
+            assert float(by[(la, m + ":z")]["r2"]) > 0.3
     assert (cfg.run_dir / "alignment" / "1_2" / "procrustes.safetensors").is_file()
     assert LinearMap.load(cfg.run_dir / "alignment" / "3_4", "ridge").d_b == 16
 
@@ -245,7 +247,7 @@ def test_run_align_without_saes_or_random_cache(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         run_align(cfg, layers_a=[3], layers_b=[4])
     _, rows = _read(cfg.report_dir / "metrics.csv")
-    assert {r["space"] for r in rows} == {"resid"} and {r["layer_a"] for r in rows} == {"3"}
+    assert {r["space"] for r in rows} == {"resid", "resid_z"} and {r["layer_a"] for r in rows} == {"3"}
     _, rows = _read(cfg.report_dir / "feature_matches.csv")
     assert rows == []
     assert "cache_random" in caplog.text and "no SAE at" in caplog.text

@@ -92,6 +92,8 @@ class AlignConfig:
     top_k_overlap: int = 8
     q_threshold: float = 0.05
     procrustes_scale: bool = True
+    standardized_space: bool = True
+    """Also report metrics and maps with every dimension z-scored (space `resid_z`, methods `:z`)."""
     """Fit an isotropic scale with the Procrustes rotation."""
     metric_max_tokens: int = 2000
     """Held-out anchors (whole passages) on which each metric and its bootstrap / null are computed."""
