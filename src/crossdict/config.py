@@ -92,11 +92,11 @@ class AlignConfig:
     top_k_overlap: int = 8
     q_threshold: float = 0.05
     procrustes_scale: bool = True
+    """Fit an isotropic scale with the Procrustes rotation."""
     standardized_space: bool = True
     """Also report metrics and maps with every dimension z-scored (space `resid_z`, methods `:z`)."""
-    """Fit an isotropic scale with the Procrustes rotation."""
     metric_max_tokens: int = 2000
-    """Held-out anchors (whole passages) on which each metric and its bootstrap / null are computed."""
+    """Held-out anchors (whole passages) on which each metric and its resamples / null are computed."""
     pairwise_max_tokens: int = 1000
     """Subsample for the O(n²) metrics (RBF CKA, mutual kNN)."""
     rsa_max_tokens: int = 500
@@ -113,7 +113,7 @@ class AlignConfig:
     retrieval_queries: int = 5000
     layer_cka_max_tokens: int = 20_000
     min_passages: int = 10
-    """Fewest held-out passages accepted for bootstrap CIs and shuffled-pairing nulls."""
+    """Fewest held-out passages accepted for passage-resampling CIs and shuffled-pairing nulls."""
     min_anchors: int = 32
     """Fewest train and held-out anchor pairs accepted for fitting and scoring a map."""
 

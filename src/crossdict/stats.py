@@ -1,15 +1,20 @@
-"""Uncertainty for every number we report: passage-level bootstrap CIs, shuffled-pairing nulls, BH.
+"""Uncertainty for every number we report: passage-level CIs, shuffled-pairing nulls, BH q-values.
 
 Tokens of one passage are strongly dependent (same topic, overlapping context windows), so all
-resampling is done over *passages* (a cluster bootstrap), never over tokens: resampling tokens
-would treat ~100 near-copies as independent evidence and give CIs that are far too narrow.
+resampling is done over *passages*, never over tokens: resampling tokens would treat ~100
+near-copies as independent evidence and give CIs that are far too narrow. CIs come from
+half-samples of passages by default (no token repeated; see `with_ci`), or from the cluster
+bootstrap (passages with replacement).
 
 The null for "A and B share structure" keeps each model's own statistics intact and destroys
 only the pairing: A's passage i is paired with B's passage pi(i) (pi a uniform random
 permutation, see `shuffled_pairing`), tokens matched by their rank within the passage and
-truncated to the shorter passage. Any metric that
-still looks "similar" under this null does so because of marginal structure (anisotropy, token
-frequency effects, finite-sample bias of CCA), not because the models agree on the same text.
+truncated to the shorter passage. Any metric that still looks "similar" under this null does so
+because of marginal structure (anisotropy, rogue dimensions, finite-sample bias of CCA) or
+because of token position, which the rank matching keeps aligned (on SmolLM2 vs Gemma-3, raw
+SVCCA at 99% variance keeps 1-2 position-dominated directions and its null mean is 0.68). The
+p-value (+1 corrected, Phipson & Smyth 2010) therefore asks whether the models agree beyond
+what position and marginal statistics explain.
 """
 
 from __future__ import annotations
