@@ -84,10 +84,38 @@ class AlignConfig:
     ridge_alpha: float = 1.0
     svcca_variance: float = 0.99
     n_bootstrap: int = 200
+    """Passage resamples per CI (half-samples or bootstrap draws, see ci_method)."""
+    ci_method: Literal["half_sample", "bootstrap"] = "half_sample"
+    """CI from half-samples of passages (default) or the cluster bootstrap; see `stats.with_ci`."""
     n_null: int = 200
     retrieval_candidates: int = 1000
     top_k_overlap: int = 8
     q_threshold: float = 0.05
+    procrustes_scale: bool = True
+    """Fit an isotropic scale with the Procrustes rotation."""
+    standardized_space: bool = True
+    """Also report metrics and maps with every dimension z-scored (space `resid_z`, methods `:z`)."""
+    metric_max_tokens: int = 2000
+    """Held-out anchors (whole passages) on which each metric and its resamples / null are computed."""
+    pairwise_max_tokens: int = 1000
+    """Subsample for the O(n²) metrics (RBF CKA, mutual kNN)."""
+    rsa_max_tokens: int = 500
+    """Subsample for RSA (each resample ranks n²/2 distances)."""
+    match_max_tokens: int = 100_000
+    """Train anchors used to choose feature matches."""
+    n_match_bootstrap: int = 20
+    """Passage-bootstrap resamples for match stability (each recomputes an m_a × m_b correlation)."""
+    n_match_null: int = 1000
+    """Shuffled-pairing draws per matched pair; the smallest possible p-value is 1/(n_match_null+1)."""
+    match_pvalue: Literal["empirical", "pooled", "normal"] = "empirical"
+    """Per-match p-value from the shuffled-pairing null; see `matching.p_values`."""
+    mknn_k: int = 10
+    retrieval_queries: int = 5000
+    layer_cka_max_tokens: int = 20_000
+    min_passages: int = 10
+    """Fewest held-out passages accepted for passage-resampling CIs and shuffled-pairing nulls."""
+    min_anchors: int = 32
+    """Fewest train and held-out anchor pairs accepted for fitting and scoring a map."""
 
 
 @dataclass
@@ -172,6 +200,15 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "svcca_variance": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "n_bootstrap": (lambda v: v >= 0, "an integer >= 0"),
     "n_null": (lambda v: v >= 0, "an integer >= 0"),
+    "n_match_bootstrap": (lambda v: v >= 0, "an integer >= 0"),
+    "n_match_null": (lambda v: v >= 0, "an integer >= 0"),
+    "metric_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
+    "pairwise_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
+    "rsa_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
+    "min_passages": (lambda v: v >= 2, "an integer >= 2"),
+    "min_anchors": (lambda v: v >= 4, "an integer >= 4"),
+    "retrieval_candidates": (lambda v: v >= 2, "an integer >= 2"),
+    "q_threshold": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "n_random_controls": (lambda v: v >= 1, "an integer >= 1"),
     "layers": (lambda v: len(v) >= 1 and all(x >= 0 for x in v), "a non-empty list of layer indices >= 0"),
 }

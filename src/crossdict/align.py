@@ -1,0 +1,237 @@
+"""Linear maps from model A's residual space to model B's, fitted on train anchors.
+
+Three maps, from most to least constrained:
+  * procrustes: centered orthogonal Procrustes (Schönemann 1966) with an optional isotropic
+    scale. When d_A != d_B the map is semi-orthogonal: R = U Vᵀ from the thin SVD of XcᵀYc,
+    `[d_A, d_B]`; it preserves angles/norms within A's space when d_A <= d_B (an isometric
+    embedding), and is a projection followed by a rotation when d_A > d_B. Equivalent to
+    zero-padding the smaller side and solving the square problem.
+  * svcca: the prediction of B through the canonical subspace kept by SVCCA (Raghu et al.
+    2017): Ŷc = Xc A diag(ρ) Bᵀ Cyy, i.e. regress B's canonical variates on A's and map back.
+  * ridge: the unconstrained affine reference, W = (Cxx/n + αI)⁻¹ Cxy/n (α on per-token scale).
+
+Every map is y = x @ weight + bias and is saved as safetensors + JSON (no pickles) under
+`runs/<name>/alignment/<layer_a>_<layer_b>/<method>.{safetensors,json}`. Held-out scores:
+R² over all output dims and retrieval accuracy among M candidates.
+
+`run_align` (the stage entry point) lives in `evaluate.py` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from scipy import linalg
+
+from .metrics import Moments, cca_from_moments, cross_moments
+from .stats import MetricResult, passage_index, resample_weights, shuffled_pairing, summarise
+from .utils import atomic_path, atomic_write_json
+
+METHODS = ("procrustes", "svcca", "ridge")
+
+
+@dataclass
+class LinearMap:
+    """y = x @ weight + bias: A's space `[d_a]` -> B's space `[d_b]`."""
+
+    method: str
+    weight: np.ndarray  # [d_a, d_b] float32
+    bias: np.ndarray  # [d_b] float32
+    rotation: np.ndarray | None = None  # [d_a, d_b] semi-orthogonal part (procrustes): maps directions
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d_a(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_b(self) -> int:
+        return self.weight.shape[1]
+
+    def transform(self, X_a: np.ndarray) -> np.ndarray:
+        """`[n, d_a]` -> `[n, d_b]`."""
+        if X_a.shape[1] != self.d_a:
+            raise ValueError(f"{self.method} map expects d_a={self.d_a} inputs, got {X_a.shape[1]}")
+        return np.asarray(X_a, np.float32) @ self.weight + self.bias
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        tensors = {"weight": self.weight.astype(np.float32), "bias": self.bias.astype(np.float32)}
+        if self.rotation is not None:
+            tensors["rotation"] = self.rotation.astype(np.float32)
+        path = directory / f"{self.method}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+        meta = {"method": self.method, "d_a": self.d_a, "d_b": self.d_b, **self.meta}
+        atomic_write_json(directory / f"{self.method}.json", meta)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, method: str) -> "LinearMap":
+        directory = Path(directory)
+        path = directory / f"{method}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no fitted {method} map at {path}; run the align stage first")
+        t = load_file(str(path))
+        meta = json.loads((directory / f"{method}.json").read_text())
+        meta = {k: v for k, v in meta.items() if k not in ("method", "d_a", "d_b")}
+        return cls(method, t["weight"], t["bias"], t.get("rotation"), meta)
+
+
+def map_dir(run_dir: str | Path, layer_a: int, layer_b: int) -> Path:
+    return Path(run_dir) / "alignment" / f"{layer_a}_{layer_b}"
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+def procrustes_from_moments(cxy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """R = U Vᵀ `[d_a, d_b]` maximising tr(Rᵀ XcᵀYc) over semi-orthogonal R; also the singular values."""
+    u, s, vt = linalg.svd(cxy, full_matrices=False)  # thin SVD: u [d_a, r], vt [r, d_b]
+    return u @ vt, s
+
+
+def procrustes_rotation(X_a: np.ndarray, X_b: np.ndarray, center: bool = True) -> np.ndarray:
+    """Semi-orthogonal R `[d_a, d_b]` minimising ‖Xc R - Yc‖_F (centered unless center=False)."""
+    if center:
+        return procrustes_from_moments(cross_moments(X_a, X_b).cxy)[0]
+    return procrustes_from_moments(np.asarray(X_a, np.float64).T @ np.asarray(X_b, np.float64))[0]
+
+
+def fit_procrustes(m: Moments, scale: bool = True) -> LinearMap:
+    R, s = procrustes_from_moments(m.cxy)
+    # Optimal isotropic scale for fixed R: tr(Rᵀ XcᵀYc) / ‖Xc‖² = Σσ / tr(XcᵀXc).
+    c = float(s.sum() / np.trace(m.cxx)) if scale and np.trace(m.cxx) > 0 else 1.0
+    W = c * R
+    bias = (m.mean_y - m.mean_x @ W).astype(np.float32)
+    return LinearMap("procrustes", W.astype(np.float32), bias, R.astype(np.float32), {"scale": c})
+
+
+def fit_ridge(m: Moments, alpha: float) -> LinearMap:
+    cxx = m.cxx / m.n + alpha * np.eye(m.cxx.shape[0])
+    W = linalg.solve(cxx, m.cxy / m.n, assume_a="pos")
+    return LinearMap("ridge", W.astype(np.float32), (m.mean_y - m.mean_x @ W).astype(np.float32), None, {"alpha": alpha})
+
+
+def fit_svcca_map(m: Moments, keep: float) -> LinearMap:
+    r = cca_from_moments(m, keep, keep)
+    W = (r.a * r.rho) @ (r.b.T @ m.cyy)  # Xc A diag(ρ) Bᵀ Cyy (see module docstring)
+    meta = {"keep_variance": keep, "n_components": int(r.rho.size), "mean_rho": float(r.rho.mean()) if r.rho.size else None}
+    return LinearMap("svcca", W.astype(np.float32), (m.mean_y - m.mean_x @ W).astype(np.float32), None, meta)
+
+
+def fit_maps(X_a: np.ndarray, X_b: np.ndarray, methods: list[str] | tuple[str, ...] = METHODS,
+             ridge_alpha: float = 1.0, svcca_variance: float = 0.99, scale: bool = True) -> dict[str, LinearMap]:  # fmt: skip
+    """Fit each requested map on train pairs X_a `[n, d_a]`, X_b `[n, d_b]` (one moments pass)."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown alignment method(s) {sorted(unknown)}; choose from {list(METHODS)}")
+    m = cross_moments(X_a, X_b)
+    fitters = {
+        "procrustes": lambda: fit_procrustes(m, scale),
+        "svcca": lambda: fit_svcca_map(m, svcca_variance),
+        "ridge": lambda: fit_ridge(m, ridge_alpha),
+    }
+    maps = {k: fitters[k]() for k in methods}
+    for mp in maps.values():
+        mp.meta["n_train"] = int(m.n)
+    return maps
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out scores
+
+
+def r2_score(Y_hat: np.ndarray, Y: np.ndarray) -> float:
+    """1 - SSE/SST pooled over all output dims (SST around Y's own mean)."""
+    Y = np.asarray(Y, np.float64)
+    sst = np.sum((Y - Y.mean(0)) ** 2)
+    return float(1.0 - np.sum((Y - np.asarray(Y_hat, np.float64)) ** 2) / sst) if sst > 0 else float("nan")
+
+
+def r2_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray, n_boot: int, n_null: int,
+               rng: np.random.Generator, alpha: float = 0.05, ci: str = "half_sample") -> MetricResult:  # fmt: skip
+    """Held-out R² with a passage-bootstrap CI and its shuffled-pairing null (see `stats.with_ci`).
+
+    Same numbers as `with_ci(r2_score, ...)`, but from per-row sufficient statistics: a
+    resample (half-sample or bootstrap) is a weighted sum (SSE = Σ w e_i,
+    SST = Σ w ‖y_i‖² - ‖Σ w y_i‖² / Σ w), so only the
+    null draws, which re-pair rows, touch the `[n, d]` arrays.
+    """
+    # R² is unchanged by shifting Y and Ŷ together; centering first keeps SST = Σ‖y‖² - n‖ȳ‖²
+    # free of cancellation when residual streams carry large means
+    c = np.asarray(Y, np.float64).mean(0)
+    Yh, Y = (np.asarray(Y_hat, np.float64) - c).astype(np.float32), (np.asarray(Y, np.float64) - c).astype(np.float32)
+    yy = np.einsum("ij,ij->i", Y, Y, dtype=np.float64)
+    hh = np.einsum("ij,ij->i", Yh, Yh, dtype=np.float64)
+    err = np.einsum("ij,ij->i", Y - Yh, Y - Yh, dtype=np.float64)
+
+    def r2(w: np.ndarray, e: np.ndarray, q: np.ndarray, ysum: np.ndarray) -> float:
+        sst = w @ q - ysum @ ysum / w.sum()
+        return float(1.0 - (w @ e) / sst) if sst > 0 else float("nan")
+
+    value = r2(np.ones(len(Y)), err, yy, Y.sum(0, dtype=np.float64))
+    idx = passage_index(passage_ids)
+    boots = []
+    for _ in range(n_boot):
+        w = resample_weights(idx, rng, ci)
+        boots.append(r2(w, err, yy, (w.astype(np.float32) @ Y).astype(np.float64)))
+    nulls = []
+    for _ in range(n_null):
+        ra, rb = shuffled_pairing(idx, rng)
+        e = yy[rb] + hh[ra] - 2 * np.einsum("ij,ij->i", Yh[ra], Y[rb], dtype=np.float64)
+        nulls.append(r2(np.ones(len(rb)), e, yy[rb], Y[rb].sum(0, dtype=np.float64)))
+    return summarise(value, boots, nulls, alpha, len(Y), idx.n_passages, ci)
+
+
+def retrieval_accuracy(
+    Y_hat: np.ndarray, Y: np.ndarray, n_candidates: int = 1000, rng: np.random.Generator | None = None,
+    max_queries: int = 5000, block: int = 512,
+) -> dict[str, float]:  # fmt: skip
+    """Top-1/top-10 retrieval of the paired B token among M candidates by cosine.
+
+    For each query i (≤ max_queries random ones), candidates are Y[i] plus M-1 other held-out B
+    tokens drawn without replacement; a hit at k means fewer than k distractors score >= the
+    true partner (ties count against us). Chance is 1/M and min(10, M)/M.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    n = Y.shape[0]
+    M = int(min(n_candidates, n))
+    if M < 2:
+        raise ValueError(f"retrieval needs at least 2 held-out anchors, got {n}")
+    norm = lambda Z: np.asarray(Z, np.float32) / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    Qh, Yn = norm(Y_hat), norm(Y)
+    queries = np.sort(rng.choice(n, min(n, max_queries), replace=False))
+    ranks = []
+    for s in range(0, len(queries), block):
+        q = queries[s : s + block]
+        sims = Qh[q] @ Yn.T  # [b, n]
+        keys = rng.random((len(q), n))
+        keys[np.arange(len(q)), q] = np.inf  # never draw the true partner as a distractor
+        distract = np.argpartition(keys, M - 2, axis=1)[:, : M - 1] if M > 1 else np.zeros((len(q), 0), int)
+        true = sims[np.arange(len(q)), q]
+        ranks.append((np.take_along_axis(sims, distract, 1) >= true[:, None]).sum(1))
+    ranks = np.concatenate(ranks)
+    k10 = min(10, M)
+    return {
+        "top1": float(np.mean(ranks < 1)),
+        "top10": float(np.mean(ranks < k10)),
+        "chance_top1": 1.0 / M,
+        "chance_top10": k10 / M,
+        "candidates": M,
+        "n_queries": len(queries),
+    }
+
+
+def __getattr__(name: str) -> Any:  # lazy re-export: evaluate imports this module
+    if name == "run_align":
+        from .evaluate import run_align
+
+        return run_align
+    raise AttributeError(name)

@@ -1,0 +1,299 @@
+"""Alignment maps, feature matching and the align stage end to end, on planted structure."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.linalg import orthogonal_procrustes
+from scipy.stats import ortho_group
+
+from align_fixtures import random_sae, shared_private_codes, write_synthetic_cache
+from crossdict import evaluate
+from crossdict.align import LinearMap, fit_maps, procrustes_rotation, r2_score, retrieval_accuracy, run_align
+from crossdict.config import config_from_dict
+from crossdict.matching import MATCH_COLUMNS, code_correlation, hungarian, match_features, mutual_nn
+from crossdict.stats import InsufficientDataError
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------------------------ maps
+
+
+def test_procrustes_recovers_planted_rotation(rng):
+    X = rng.standard_normal((2000, 20)) * np.linspace(0.5, 3, 20) + 4.0
+    R = ortho_group.rvs(20, random_state=1)
+    Y = X @ R + 0.05 * rng.standard_normal((2000, 20)) - 2.0
+    got = procrustes_rotation(X, Y)
+    np.testing.assert_allclose(got, R, atol=0.01)
+    ref, _ = orthogonal_procrustes(X - X.mean(0), Y - Y.mean(0))  # scipy's square solver agrees
+    np.testing.assert_allclose(got, ref, atol=1e-8)
+    mp = fit_maps(X, Y, ["procrustes"])["procrustes"]
+    assert mp.meta["scale"] == pytest.approx(1.0, abs=0.01)
+    assert r2_score(mp.transform(X), Y) > 0.99
+
+
+@pytest.mark.parametrize("d_a,d_b", [(12, 30), (30, 12)])
+def test_procrustes_recovers_planted_semi_orthogonal_map(rng, d_a, d_b):
+    Q = ortho_group.rvs(max(d_a, d_b), random_state=2)[:d_a, :d_b]  # orthonormal rows or columns
+    if d_a <= d_b:  # isometric embedding of A into a subspace of B
+        X = rng.standard_normal((3000, d_a)) * np.linspace(0.5, 2, d_a)
+        Y = 2.5 * X @ Q + 0.01 * rng.standard_normal((3000, d_b))
+        assert np.allclose(Q @ Q.T, np.eye(d_a))
+    else:  # B sees a d_b-dim projection of A
+        Y = rng.standard_normal((3000, d_b)) * np.linspace(0.5, 2, d_b)
+        X = Y @ Q.T / 2.5 + 0.01 * rng.standard_normal((3000, d_a))
+    mp = fit_maps(X, Y, ["procrustes"])["procrustes"]
+    np.testing.assert_allclose(mp.rotation, Q, atol=0.02)
+    assert mp.meta["scale"] == pytest.approx(2.5, rel=0.02)
+    assert r2_score(mp.transform(X), Y) > 0.99
+
+
+def test_ridge_and_svcca_maps_fit_an_affine_relation(rng):
+    X = rng.standard_normal((4000, 10))
+    A = rng.standard_normal((10, 6))
+    Y = X @ A + 1.0 + 0.1 * rng.standard_normal((4000, 6))
+    maps = fit_maps(X[:3000], Y[:3000], ["ridge", "svcca", "procrustes"], ridge_alpha=1e-3, svcca_variance=1.0)
+    np.testing.assert_allclose(maps["ridge"].weight, A, atol=0.02)
+    assert r2_score(maps["ridge"].transform(X[3000:]), Y[3000:]) > 0.99
+    assert r2_score(maps["svcca"].transform(X[3000:]), Y[3000:]) > 0.99
+    assert r2_score(maps["procrustes"].transform(X[3000:]), Y[3000:]) < 0.95  # not a rotation
+
+
+def test_map_save_load_roundtrip(tmp_path, rng):
+    X, Y = rng.standard_normal((300, 8)), rng.standard_normal((300, 5))
+    for name, mp in fit_maps(X, Y).items():
+        mp.save(tmp_path)
+        back = LinearMap.load(tmp_path, name)
+        np.testing.assert_array_equal(back.transform(X), mp.transform(X))
+        assert back.transform(X).shape == (300, 5)
+        assert back.meta == mp.meta
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob(".*tmp"))
+    with pytest.raises(FileNotFoundError, match="run the align stage"):
+        LinearMap.load(tmp_path, "nope")
+
+
+def test_r2_and_retrieval_known_answers(rng):
+    Y = rng.standard_normal((800, 16))
+    assert r2_score(Y, Y) == 1.0
+    assert r2_score(np.broadcast_to(Y.mean(0), Y.shape), Y) == pytest.approx(0.0, abs=1e-12)
+    perfect = retrieval_accuracy(Y, Y, n_candidates=100, rng=rng)
+    assert perfect["top1"] == 1.0 and perfect["chance_top1"] == 0.01 and perfect["chance_top10"] == 0.1
+    noise = retrieval_accuracy(rng.standard_normal(Y.shape), Y, n_candidates=100, rng=rng)
+    assert abs(noise["top1"] - 0.01) < 0.02 and abs(noise["top10"] - 0.1) < 0.05
+    small = retrieval_accuracy(Y[:50], Y[:50], n_candidates=1000, rng=rng)
+    assert small["candidates"] == 50
+
+
+# ------------------------------------------------------------------------------------------ matching
+
+
+def test_matching_recovers_planted_shared_features_and_rejects_private():
+    """Shared pairs are found with high precision and recall; private features stay above q 0.05.
+
+    BH controls the *expected* false discovery proportion, so one seed may show a stray
+    private feature; pooled over seeds the rate must be small (measured: ~3% over 30 seeds).
+    """
+    private_sig = {"hungarian": [], "mnn": []}
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        A, B, pid, truth = shared_private_codes(rng)
+        tr, te = pid < 140, pid >= 140
+        res = match_features(A[tr], B[tr], pid[tr], A[te], B[te], pid[te], n_null=200, n_boot=10 if seed == 0 else 0, rng=rng)
+        for name in ("hungarian", "mnn"):
+            m = res[name]
+            correct = np.array([truth.get(a, -1) == b for a, b in zip(m.feat_a, m.feat_b)])
+            sig = m.significant(0.05)
+            assert correct[sig].mean() >= 0.9, name  # precision
+            assert (sig & correct).sum() >= 0.9 * len(truth), name  # recall
+            private_sig[name] += list(sig[m.feat_a >= len(truth)])
+            assert np.all(m.q_value >= m.p_value)
+            if seed == 0:
+                assert m.stability[correct].mean() > 0.9 > m.stability[~correct].mean()
+        assert np.isnan(res["hungarian"].dec_cos).all() and "mnn_dec" not in res  # no decoders given
+    for name, flags in private_sig.items():
+        assert np.mean(flags) <= 0.1, name
+
+
+def test_sparse_hungarian_equals_dense_on_candidates(rng):
+    A, B, pid, truth = shared_private_codes(rng, n_passages=80, m=200, n_shared=80)
+    S = code_correlation(A, B)
+    dense = dict(zip(*hungarian(S)))
+    sparse_ = dict(zip(*hungarian(S, n_candidates=8, dense_max=0)))
+    # every pair the sparse solver keeps is positively correlated, and the strong ones agree
+    strong = [a for a, b in dense.items() if S[a, b] > 0.3]
+    assert len(strong) >= 60
+    assert all(sparse_.get(a) == dense[a] for a in strong)
+    assert all(S[a, b] > 0 for a, b in sparse_.items())
+
+
+def test_blockwise_mnn_equals_naive(rng):
+    S = rng.standard_normal((57, 43))
+    ia, ib = mutual_nn(lambda r0, r1: S[r0:r1], 57, 43, block=10)
+    naive = [(i, S[i].argmax()) for i in range(57) if S[:, S[i].argmax()].argmax() == i]
+    assert list(zip(ia, ib)) == naive
+
+
+def test_decoder_directions_match_after_rotation(rng):
+    """mnn_dec finds pairs whose decoder rows coincide once A's basis is rotated into B's."""
+    A, B, pid, truth = shared_private_codes(rng, n_passages=60)
+    R = ortho_group.rvs(16, random_state=4)
+    dec_a = rng.standard_normal((64, 16))
+    dec_b = rng.standard_normal((64, 16))
+    for a, b in truth.items():
+        dec_b[b] = dec_a[a] @ R
+    res = match_features(A, B, pid, A, B, pid, dec_a @ R, dec_b, n_null=20, n_boot=0, rng=rng)
+    m = res["mnn_dec"]
+    found = dict(zip(m.feat_a, m.feat_b))
+    assert all(found.get(a) == b for a, b in truth.items())
+    hung = res["hungarian"]
+    is_true = np.array([truth.get(a, -1) == b for a, b in zip(hung.feat_a, hung.feat_b)])
+    np.testing.assert_allclose(hung.dec_cos[is_true], 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ stage
+
+
+def _config(tmp_path: Path, **align) -> object:
+    return config_from_dict({
+        "run_name": "toy", "output_dir": str(tmp_path),
+        "model_a": {"name": "toy-a", "layers": [1, 3]}, "model_b": {"name": "toy-b", "layers": [2, 4]},
+        "sae": {"seeds": [0, 1]},
+        "align": {"n_bootstrap": 20, "n_null": 20, "n_match_bootstrap": 3, "retrieval_candidates": 100,
+                  "metric_max_tokens": 300, "pairwise_max_tokens": 150, **align},
+    })  # fmt: skip
+
+
+def _read(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path) as f:
+        r = csv.DictReader(f)
+        return r.fieldnames, list(r)
+
+
+@pytest.fixture
+def toy_run(tmp_path, monkeypatch):
+    cfg = _config(tmp_path)
+    write_synthetic_cache(cfg.cache_dir)
+    saes = {}
+    for key, layer, d in (("a", 1, 24), ("b", 2, 16), ("a", 3, 24), ("b", 4, 16)):
+        for seed in (0, 1):
+            path = cfg.sae_dir(key, layer, seed)
+            path.mkdir(parents=True)
+            saes[path] = random_sae(d, 48, 6, seed=100 * layer + seed)
+    monkeypatch.setattr(evaluate, "_load_sae", lambda p: saes[Path(p)])
+    return cfg, saes
+
+
+def test_run_align_end_to_end(toy_run, caplog):
+    cfg, _ = toy_run
+    write_synthetic_cache(cfg.run_dir / "cache_random", random_b=True, seed=7)
+    with caplog.at_level(logging.INFO):
+        run_align(cfg)
+    rep = cfg.report_dir
+
+    cols, rows = _read(rep / "metrics.csv")
+    assert cols == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value", "split"]
+    got = {(int(r["layer_a"]), int(r["layer_b"]), r["space"], r["metric"]): r for r in rows}
+    for pair in ((1, 2), (3, 4)):
+        for metric in ("linear_cka", "debiased_cka", "svcca", "pwcca", "rbf_cka", "rsa", "mutual_knn"):
+            r = got[(*pair, "resid", metric)]
+            v, lo, hi, null, p = (float(r[c]) for c in ("value", "ci_low", "ci_high", "null_mean", "p_value"))
+            assert lo <= v <= hi and null < v and p == pytest.approx(1 / 21), (pair, metric)
+            floor = got[(*pair, "resid_random_b", metric)]
+            assert float(floor["value"]) < v, (pair, metric)
+        assert float(got[(*pair, "resid", "linear_cka")]["value"]) > 0.5
+        assert float(got[(*pair, "resid_z", "linear_cka")]["value"]) > 0.5
+        for metric in ("linear_cka", "debiased_cka", "rsa", "mutual_knn", "topk_overlap", "match_rate_hungarian", "invariance_hungarian"):
+            assert (*pair, "sae", metric) in got
+    assert (1, 1, "sae_seed_a", "match_rate_hungarian") in got and (4, 4, "sae_seed_b", "linear_cka") in got
+
+    cols, rows = _read(rep / "alignment.csv")
+    assert cols[:3] == ["layer_a", "layer_b", "method"] and "r2" in cols and "top1" in cols and "chance_top1" in cols
+    by = {(int(r["layer_a"]), r["method"]): r for r in rows}
+    for la in (1, 3):
+        for m in ("procrustes", "svcca", "ridge"):
+            assert float(by[(la, m)]["r2"]) > 0.3
+            assert float(by[(la, m)]["top1"]) > 5 * float(by[(la, m)]["chance_top1"])
+            assert float(by[(la, m + ":random_b")]["r2"]) < 0.1  # floor: nothing to align with
+            assert float(by[(la, m + ":z")]["r2"]) > 0.3
+    assert (cfg.run_dir / "alignment" / "1_2" / "procrustes.safetensors").is_file()
+    assert LinearMap.load(cfg.run_dir / "alignment" / "3_4", "ridge").d_b == 16
+
+    cols, rows = _read(rep / "feature_matches.csv")
+    assert tuple(cols) == MATCH_COLUMNS
+    assert {r["method"] for r in rows} == {"hungarian", "mnn", "mnn_dec"}
+    for r in rows:
+        assert 0.0 <= float(r["p_value"]) <= 1.0 and float(r["q_value"]) >= float(r["p_value"]) - 1e-12
+        assert -1.0 <= float(r["act_corr"]) <= 1.0 and -1.0 <= float(r["dec_cos"]) <= 1.0
+    assert (rep / "feature_matches_seed.csv").is_file()
+
+    cols, rows = _read(rep / "layer_cka.csv")
+    assert cols == ["layer_a", "layer_b", "cka"] and len(rows) == 4
+    cka = {(int(r["layer_a"]), int(r["layer_b"])): float(r["cka"]) for r in rows}
+    assert all(0.0 < v <= 1.0 for v in cka.values())
+    assert not list(rep.glob(".*.tmp"))
+
+
+def test_run_align_without_saes_or_random_cache(tmp_path, caplog):
+    cfg = _config(tmp_path, n_bootstrap=5, n_null=5)
+    write_synthetic_cache(cfg.cache_dir)
+    with caplog.at_level(logging.INFO):
+        run_align(cfg, layers_a=[3], layers_b=[4])
+    _, rows = _read(cfg.report_dir / "metrics.csv")
+    assert {r["space"] for r in rows} == {"resid", "resid_z"} and {r["layer_a"] for r in rows} == {"3"}
+    _, rows = _read(cfg.report_dir / "feature_matches.csv")
+    assert rows == []
+    assert "cache_random" in caplog.text and "no SAE at" in caplog.text
+
+
+def test_run_align_clear_errors(toy_run, tmp_path):
+    cfg, saes = toy_run
+    # an SAE trained on another model: wrong d_in
+    saes[cfg.sae_dir("b", 2)] = random_sae(99, 48, 6, seed=0)
+    with pytest.raises(ValueError, match=r"d_in=99 .* d_model=16.*different runs"):
+        run_align(cfg, layers_a=[1], layers_b=[2])
+    # SAEs exist for model a, but not for this layer: name the missing path
+    import shutil
+
+    shutil.rmtree(cfg.sae_dir("a", 3))
+    with pytest.raises(FileNotFoundError, match=r"blocks\.3\.hook_resid_post is missing"):
+        run_align(cfg, layers_a=[3], layers_b=[4])
+    with pytest.raises(KeyError, match="cached layers"):
+        run_align(cfg, layers_a=[7], layers_b=[4])
+
+
+def test_run_align_too_few_passages(tmp_path):
+    cfg = _config(tmp_path, min_passages=50)
+    write_synthetic_cache(cfg.cache_dir)
+    with pytest.raises(InsufficientDataError, match=r"12 passages, need at least align.min_passages=50"):
+        run_align(cfg)
+
+
+def test_random_cache_with_other_anchors_is_rejected(tmp_path):
+    cfg = _config(tmp_path)
+    write_synthetic_cache(cfg.cache_dir)
+    write_synthetic_cache(cfg.run_dir / "cache_random", n_passages=20)
+    with pytest.raises(ValueError, match="anchor count mismatch"):
+        run_align(cfg)
+
+
+def test_fast_r2_ci_equals_generic_with_ci(rng):
+    """r2_with_ci's sufficient-statistics shortcut gives the same numbers as with_ci(r2_score)."""
+    from crossdict.align import r2_with_ci
+    from crossdict.stats import with_ci
+
+    pid = np.repeat(np.arange(25), 12)
+    Y = rng.standard_normal((300, 7)) + 50.0  # large mean: the shortcut must not cancel
+    Y_hat = Y + 0.5 * rng.standard_normal(Y.shape)
+    for ci in ("half_sample", "bootstrap"):
+        fast = r2_with_ci(Y_hat, Y, pid, 30, 30, np.random.default_rng(5), ci=ci)
+        slow = with_ci(r2_score, Y_hat, Y, pid, 30, 30, np.random.default_rng(5), ci=ci)
+        for f in ("value", "ci_low", "ci_high", "null_mean", "p_value"):
+            assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-4, abs=1e-6), (ci, f)
