@@ -3,7 +3,6 @@
     crossdict extract   --config configs/embedded.yaml     text -> activations (+ anchor pairs)
     crossdict train     --config ... [--seeds 0 1]         activations -> SAEs
     crossdict align     --config ... [--layers 8 15]       SAEs + activations -> maps, matches, metrics
-    crossdict transfer  --config ... --layer 8 --feature_idx 3 --alpha 5
     crossdict run       --config ...                       all stages, skipping finished ones
 """
 
@@ -51,13 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="layers of model A (default: all configured)")
     p.add_argument("--layers-b", type=int, nargs="+", help="paired layers of model B (default: from the config)")
 
-    p = sub.add_parser("transfer", help="inject matched features into model B; patch/stitch activations")
-    _common(p)
-    p.add_argument("--layer", type=int, help="layer of model A (B's paired layer comes from the config)")
-    p.add_argument("--feature_idx", "--feature-idx", type=int, dest="feature_idx", help="feature of A's SAE")
-    p.add_argument("--alpha", type=float, help="injection strength in units of the feature's typical activation")
-    p.add_argument("--sweep", action="store_true", help="sweep the top matched features over transfer.alphas")
-
     p = sub.add_parser("run", help="all stages end to end, skipping stages whose outputs match the config")
     _common(p)
     return parser
@@ -96,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             from .align import run_align
 
             run_align(cfg, layers_a=args.layers, layers_b=args.layers_b)
-        elif args.command == "transfer":
-            from .interventions import run_transfer
-
-            run_transfer(cfg, layer=args.layer, feature_idx=args.feature_idx, alpha=args.alpha, sweep=args.sweep)
         elif args.command == "run":
             from .pipeline import run_all
 

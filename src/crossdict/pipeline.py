@@ -1,0 +1,74 @@
+"""`crossdict run`: extract -> train -> align, each stage skipped when its outputs match the config.
+
+Stage outputs carry what they were made from (the cache manifest key, each SAE's fingerprint), so
+rerunning after a finished run is fast, and an interrupted run resumes where it stopped: extraction
+by shard, training from the last checkpoint. Transfer and the HTML report are not stages yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import platform
+import time
+
+import torch
+
+from . import __version__
+from .config import RunConfig, dump_config
+from .utils import atomic_write_text
+
+
+def record_config(cfg: RunConfig) -> None:
+    """`runs/<name>/config.yaml`: the resolved config plus versions, enough to reproduce the run."""
+    import numpy
+    import transformers
+
+    header = (
+        f"# crossdict {__version__}, python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, numpy {numpy.__version__}\n"
+        f"# reproduce: crossdict run --config runs/{cfg.run_name}/config.yaml\n"
+    )
+    atomic_write_text(cfg.run_dir / "config.yaml", header + dump_config(cfg))
+
+
+def _summary(cfg: RunConfig) -> None:
+    report = cfg.report_dir
+    print("\n== crossdict summary ==")
+    sae_csv = report / "sae_metrics.csv"
+    if sae_csv.is_file():
+        for r in csv.DictReader(sae_csv.open()):
+            print(f"SAE {r['model']:<14} layer {r['layer']:>2}: FVU {float(r['fvu']):.3f}  L0 {float(r['l0']):.1f}  "
+                  f"dead {float(r['dead_frac']):.3f}  LM loss recovered (mean-abl.) {r.get('frac_recovered_mean') or 'n/a'}")
+    align_csv = report / "alignment.csv"
+    if align_csv.is_file():
+        for r in csv.DictReader(align_csv.open()):
+            if r.get("method") in ("procrustes", "procrustes:z"):
+                print(f"align A{r['layer_a']}->B{r['layer_b']} {r['method']:<13} held-out " +
+                      "  ".join(f"{k} {float(v):.3f}" for k, v in r.items() if k not in ("layer_a", "layer_b", "method") and v not in ("", None) and _is_num(v)))
+    print(f"report CSVs: {report}")
+
+
+def _is_num(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def run_all(cfg: RunConfig, progress: bool = True) -> None:
+    from .align import run_align
+    from .extract import load_backends, run_extract
+    from .train import run_train
+
+    record_config(cfg)
+    t0 = time.perf_counter()
+    print("[crossdict] stage 1/3: extract")
+    run_extract(cfg, progress=progress)
+    print(f"[crossdict] stage 2/3: train SAEs ({time.perf_counter() - t0:.0f} s so far)")
+    backends = load_backends(cfg)
+    run_train(cfg, backends=backends, progress=progress)
+    print(f"[crossdict] stage 3/3: align, match, metrics ({time.perf_counter() - t0:.0f} s so far)")
+    run_align(cfg)
+    _summary(cfg)
+    print(f"[crossdict] run finished in {time.perf_counter() - t0:.0f} s")
