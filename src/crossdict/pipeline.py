@@ -42,9 +42,17 @@ def _summary(cfg: RunConfig) -> None:
     align_csv = report / "alignment.csv"
     if align_csv.is_file():
         for r in csv.DictReader(align_csv.open()):
-            if r.get("method") in ("procrustes", "procrustes:z"):
-                print(f"align A{r['layer_a']}->B{r['layer_b']} {r['method']:<13} held-out " +
-                      "  ".join(f"{k} {float(v):.3f}" for k, v in r.items() if k not in ("layer_a", "layer_b", "method") and v not in ("", None) and _is_num(v)))
+            if r["method"].startswith("procrustes"):
+                print(f"align A{r['layer_a']}->B{r['layer_b']} {r['method']:<13} held-out R2 {float(r['r2']):.3f} "
+                      f"[{float(r['r2_ci_low']):.3f}, {float(r['r2_ci_high']):.3f}] (null {float(r['r2_null_mean']):.3f}); "
+                      f"retrieval top-1 {float(r['top1']):.3f} vs chance {float(r['chance_top1']):.4f}")
+    matches_csv = report / "feature_matches.csv"
+    if matches_csv.is_file():
+        rows = list(csv.DictReader(matches_csv.open()))
+        for la, lb in cfg.layer_pairs:
+            sig = [r for r in rows if r["layer_a"] == str(la) and r["layer_b"] == str(lb) and _is_num(r["q_value"])
+                   and float(r["q_value"]) < cfg.align.q_threshold]
+            print(f"matches A{la}<->B{lb}: {len(sig)} feature pairs with q < {cfg.align.q_threshold}")
     print(f"report CSVs: {report}")
 
 
@@ -52,7 +60,7 @@ def _is_num(v: str) -> bool:
     try:
         float(v)
         return True
-    except ValueError:
+    except (TypeError, ValueError):
         return False
 
 
