@@ -2,7 +2,8 @@
 
 Stage outputs carry what they were made from (the cache manifest key, each SAE's fingerprint), so
 rerunning after a finished run is fast, and an interrupted run resumes where it stopped: extraction
-by shard, training from the last checkpoint. Transfer and the HTML report are not stages yet.
+by shard, training from the last checkpoint. Alignment is recomputed on every run (~1 min per layer pair). Transfer and the HTML report
+are not stages yet.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _summary(cfg: RunConfig) -> None:
     if matches_csv.is_file():
         rows = list(csv.DictReader(matches_csv.open()))
         for la, lb in cfg.layer_pairs:
-            sig = [r for r in rows if r["layer_a"] == str(la) and r["layer_b"] == str(lb) and _is_num(r["q_value"])
+            sig = [r for r in rows if r["layer_a"] == str(la) and r["layer_b"] == str(lb) and r["method"] == "hungarian"
+                   and _is_num(r["q_value"])
                    and float(r["q_value"]) < cfg.align.q_threshold]
-            print(f"matches A{la}<->B{lb}: {len(sig)} feature pairs with q < {cfg.align.q_threshold}")
+            print(f"matches A{la}<->B{lb}: {len(sig)} one-to-one (Hungarian) feature pairs with q < {cfg.align.q_threshold}")
     print(f"report CSVs: {report}")
 
 
