@@ -54,6 +54,12 @@ class Backend(Protocol):
         ...
 
 
+def check_layer_range(layers, n_layers: int, name: str) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for {name}, which has {n_layers} layers")
+
+
 def load_backend(name: str, backend: str = "hf", dtype: str = "float32", device: str = "cpu") -> Backend:
     """Load model `name` behind the named backend (`hf` or `tlens`)."""
     if backend == "tlens":

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .backend import Batch, Edit
+from .backend import Batch, Edit, check_layer_range
 from .models import load_hf
 
 
@@ -96,9 +96,7 @@ class HFBackend:
         return tokenize_batch(self.tokenizer, texts, max_ctx)
 
     def _check(self, layers) -> None:
-        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range for {self.name}, which has {self.n_layers} layers")
+        check_layer_range(layers, self.n_layers, self.name)
 
     @contextlib.contextmanager
     def _hooks(self, hooks: dict[int, callable]) -> Iterator[None]:

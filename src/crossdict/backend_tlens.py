@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import Batch, Edit
+from .backend import Batch, Edit, check_layer_range
 from .backend_hf import prepare_tokenizer, tokenize_batch
 from .cache import hook_name
 from .models import load_hf, resolve
@@ -73,9 +73,7 @@ class TLensBackend:
         return tokenize_batch(self.tokenizer, texts, max_ctx)
 
     def _check(self, layers) -> None:
-        bad = [layer for layer in layers if not 0 <= layer < self.n_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range for {self.name}, which has {self.n_layers} layers")
+        check_layer_range(layers, self.n_layers, self.name)
 
     # Padding is on the right and attention is causal, so real tokens never see padding: the
     # models need no attention mask, and positions match the unpadded run.

@@ -128,6 +128,7 @@ def load_backends(cfg: RunConfig) -> dict[str, Backend]:
     backends = {}
     for k in ("a", "b"):
         m = cfg.model(k)
+        check_layers(m.name, m.layers, key=f"model_{k}")  # from the config alone, before loading weights
         backends[k] = load_backend(m.name, m.backend, m.dtype, str(resolve_device(cfg.device)))
         check_layers(m.name, m.layers, backends[k].n_layers, key=f"model_{k}")
     return backends

@@ -73,10 +73,10 @@ def run_all(cfg: RunConfig, progress: bool = True) -> None:
 
     record_config(cfg)
     t0 = time.perf_counter()
+    backends = load_backends(cfg)  # once: extraction and the SAEs' LM-loss evaluation share them
     print("[crossdict] stage 1/3: extract")
-    run_extract(cfg, progress=progress)
+    run_extract(cfg, backends=backends, progress=progress)
     print(f"[crossdict] stage 2/3: train SAEs ({time.perf_counter() - t0:.0f} s so far)")
-    backends = load_backends(cfg)
     run_train(cfg, backends=backends, progress=progress)
     print(f"[crossdict] stage 3/3: align, match, metrics ({time.perf_counter() - t0:.0f} s so far)")
     run_align(cfg)
