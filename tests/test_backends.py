@@ -15,6 +15,14 @@ def model_dir(request, tiny_models):
     return request.param, tiny_models[request.param]
 
 
+def _load(kind, name, path):
+    """The tiny model (eager attention, as the TransformerLens bridge uses) and a backend over it."""
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    backend = HFBackend(model, tok, name) if kind == "hf" else TLensBackend.from_hf(model, tok, str(path), name)
+    return model, backend
+
+
 def _reference(model, batch):
     with torch.no_grad():
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True).hidden_states
@@ -22,10 +30,7 @@ def _reference(model, batch):
 
 @pytest.mark.parametrize("kind", ["hf", "tlens"])
 def test_hidden_states_match_output_hidden_states(model_dir, kind):
-    name, path = model_dir
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    backend = HFBackend(model, tok, name) if kind == "hf" else TLensBackend.from_hf(model, tok, str(path), name)
+    model, backend = _load(kind, *model_dir)
     batch = backend.tokenize(TEXTS, max_ctx=64)
     ref = _reference(model, batch)
     mask = batch.attention_mask.bool()
@@ -35,7 +40,7 @@ def test_hidden_states_match_output_hidden_states(model_dir, kind):
     states = backend.hidden_states(batch, layers)
     for layer in layers:
         diff = (states[layer] - ref[layer + 1])[mask].abs().max().item()
-        assert diff < 1e-4, (kind, name, layer, diff)
+        assert diff < 1e-4, (kind, model_dir[0], layer, diff)
     # Early exit: asking only for layer 0 stops after block 0 and gives the same tensor.
     early = backend.hidden_states(batch, [0])[0]
     assert torch.equal(early[mask], states[0][mask])
@@ -43,10 +48,7 @@ def test_hidden_states_match_output_hidden_states(model_dir, kind):
 
 @pytest.mark.parametrize("kind", ["hf", "tlens"])
 def test_edit_hook(model_dir, kind):
-    name, path = model_dir
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    backend = HFBackend(model, tok, name) if kind == "hf" else TLensBackend.from_hf(model, tok, str(path), name)
+    model, backend = _load(kind, *model_dir)
     batch = backend.tokenize(TEXTS, max_ctx=64)
     clean = backend.logits(batch)
     same = backend.logits(batch, {1: lambda x: x.clone()})
