@@ -40,8 +40,12 @@ def test_extract_counts_and_anchors(tiny_models, tmp_path):
     assert (toks_a[pairs[:, 0], 3] == toks_b[pairs[:, 1], 3]).all()
     assert m["counts"]["pairing_rate"] > 0.3
     # Both models read the same characters: the last character each saw is the same per passage.
+    texts = cache.passage_texts()
     for pid in np.unique(toks_a[:, 0])[:10]:
         assert toks_a[toks_a[:, 0] == pid, 3].max() == toks_b[toks_b[:, 0] == pid, 3].max()
+        # The stored text is what was read: every span lies inside it, the last one ends at its end.
+        assert texts[pid][toks_a[toks_a[:, 0] == pid, 3].max():].strip() == ""
+    assert set(texts) == set(np.unique(toks_a[:, 0]).tolist())
     # Splits partition the anchors and follow passages.
     tr, ho = cache.anchor_pairs("train"), cache.anchor_pairs("heldout")
     assert len(tr) + len(ho) == len(pairs) and len(ho) > 0

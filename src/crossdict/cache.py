@@ -8,6 +8,7 @@ Layout of `runs/<name>/cache/` (all arrays are plain `.npy`, memory-mappable, no
         a.blocks.8.hook_resid_post.npy  float [n_tok_a, d_model_a]  residual after block 8
         b.tokens.npy, b.blocks.5.hook_resid_post.npy, ...
         anchors.npy                    int64 [n_pairs, 2]  shard-local rows (row in a, row in b)
+        passages.json                  {passage_id: text} exactly the characters both models read
         done.json                      written last: a shard without it is redone on resume
     shard_00001/ ...
 
@@ -58,6 +59,8 @@ class ShardData:
     """model key -> layer -> float [n_tok, d_model]"""
     anchors: np.ndarray
     """int64 [n_pairs, 2] shard-local (row in a, row in b)"""
+    texts: dict[int, str] | None = None
+    """passage_id -> the text both models read (char spans index into it)"""
 
 
 def write_shard(cache_dir: Path, shard: int, data: ShardData) -> dict:
@@ -70,6 +73,8 @@ def write_shard(cache_dir: Path, shard: int, data: ShardData) -> dict:
             atomic_save_npy(d / f"{key}.{hook_name(layer)}.npy", arr)
         atomic_save_npy(d / f"{key}.tokens.npy", data.tokens[key].astype(np.int64))
     atomic_save_npy(d / "anchors.npy", data.anchors.astype(np.int64))
+    if data.texts is not None:
+        atomic_write_json(d / "passages.json", {str(k): v for k, v in data.texts.items()})
     counts = {
         "n_passages": int(len(np.unique(data.tokens["a"][:, 0]))) if len(data.tokens["a"]) else 0,
         "n_tokens_a": int(data.tokens["a"].shape[0]),
@@ -169,6 +174,19 @@ class ActivationCache:
             parts = [load_npy(shard_dir(self.dir, s) / f"{key}.tokens.npy", mmap=False) for s in range(self.n_shards)]
             self._tokens[key] = np.concatenate(parts)
         return self._tokens[key]
+
+    def passage_texts(self) -> dict[int, str]:
+        """`{passage_id: text}`: the characters both models read; token char spans index into these."""
+        texts: dict[int, str] = {}
+        for s in range(self.n_shards):
+            path = shard_dir(self.dir, s) / "passages.json"
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} is missing: this cache was written before passage texts were stored; "
+                    f"delete {self.dir} and rerun `crossdict extract`"
+                )
+            texts.update({int(k): v for k, v in read_json(path, "passage texts").items()})
+        return texts
 
     def rows(self, key: ModelKey, split: Split = "all") -> np.ndarray:
         """Global row indices of model `key`'s tokens in a split."""

@@ -120,6 +120,7 @@ def extract_shard(
         tokens={k: cat(v, 6).astype(np.int64) for k, v in tokens.items()},
         acts={k: {layer: cat(v, backends[k].d_model).astype(store_dtype) for layer, v in lay.items()} for k, lay in acts.items()},
         anchors=cat(anchors, 2).astype(np.int64),
+        texts=dict(zip(passage_ids, texts)),
     )
 
 
