@@ -235,9 +235,10 @@ def test_run_align_end_to_end(toy_run, caplog):
     assert (rep / "feature_matches_seed.csv").is_file()
 
     cols, rows = _read(rep / "layer_cka.csv")
-    assert cols == ["layer_a", "layer_b", "cka"] and len(rows) == 4
+    assert cols == ["layer_a", "layer_b", "cka", "cka_z", "n_pairs", "source"] and len(rows) == 4
     cka = {(int(r["layer_a"]), int(r["layer_b"])): float(r["cka"]) for r in rows}
     assert all(0.0 < v <= 1.0 for v in cka.values())
+    assert all(0.0 < float(r["cka_z"]) <= 1.0 and r["source"] == "cached_layers" for r in rows)
     assert not list(rep.glob(".*.tmp"))
 
 

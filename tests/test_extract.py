@@ -113,3 +113,31 @@ def test_layer_out_of_range_before_loading(tiny_models, tmp_path):
     cfg.model_b.layers = [0, 3]
     with pytest.raises(ValueError, match="which has 3 layers"):
         run_extract(cfg, progress=False)
+
+
+def test_random_floor_and_layer_sweep(tiny_models, tmp_path, capsys):
+    from crossdict.extract import LAYER_SWEEP, RANDOM_CACHE
+
+    cfg = make_cfg(tiny_models, tmp_path)
+    cache = run_extract(cfg, progress=False)
+    # Floor: same tokens and anchors as the main cache, B's states from other (random) weights.
+    rc = ActivationCache(cfg.run_dir / RANDOM_CACHE)
+    np.testing.assert_array_equal(rc.anchor_pairs("heldout"), cache.anchor_pairs("heldout"))
+    np.testing.assert_array_equal(rc.tokens("b"), cache.tokens("b"))
+    main_b, rand_b = cache.acts("b", 2).take(np.arange(200)), rc.acts("b", 2).take(np.arange(200))
+    assert rand_b.shape == main_b.shape and np.abs(rand_b - main_b).mean() > 0.1 * np.abs(main_b).mean()
+    # Sweep: every layer, and at the cached layers exactly the cached states at the same anchors.
+    sweep = cfg.cache_dir / LAYER_SWEEP
+    xa, xb, pid = np.load(sweep / "a.npy"), np.load(sweep / "b.npy"), np.load(sweep / "passage_id.npy")
+    n_layers = [cache.model_info(k)["n_layers"] for k in ("a", "b")]
+    assert xa.shape[:2] == (n_layers[0], len(pid)) and xb.shape[:2] == (n_layers[1], len(pid)) and len(pid) > 0
+    ho = cache.anchor_pairs("heldout")
+    first = pid[0]
+    rows = ho[cache.tokens("a")[ho[:, 0], 0] == first]
+    n = len(rows)
+    np.testing.assert_allclose(xa[2, :n], cache.acts("a", 2).take(rows[:, 0]), atol=1e-5)
+    np.testing.assert_allclose(xb[0, :n], cache.acts("b", 0).take(rows[:, 1]), atol=1e-5)
+    # A second run reuses both without loading a model.
+    capsys.readouterr()
+    run_extract(cfg, progress=False)
+    assert "loaded" not in capsys.readouterr().out

@@ -57,6 +57,10 @@ class ExtractConfig:
     """Passages per on-disk shard; extraction resumes shard by shard."""
     store_dtype: Literal["float32", "float16"] = "float32"
     pairing: Literal["end_offset", "word_final"] = "end_offset"
+    random_floor: bool = True
+    """Also extract model B with random weights (same architecture, tokenizer and anchors): the floor baseline."""
+    layer_sweep_tokens: int = 1024
+    """Held-out anchor pairs at which every layer of both models is kept, for the all-layers CKA map (0: off)."""
 
 
 @dataclass
@@ -191,6 +195,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "heldout_fraction": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "shard_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "layer_sweep_tokens": (lambda v: v >= 0, "an integer >= 0 (0 turns the sweep off)"),
     "expansion_factor": (lambda v: v >= 1, "an integer >= 1"),
     "k": (lambda v: v >= 1, "an integer >= 1"),
     "l1_coefficient": (lambda v: v >= 0, "a number >= 0"),
@@ -233,6 +238,10 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
         return _check_value(path, value, args[0])
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")

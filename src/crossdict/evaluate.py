@@ -54,7 +54,7 @@ from .metrics import (
     topk_sets,
 )
 from .stats import InsufficientDataError, MetricResult, passage_subsample, with_ci
-from .utils import atomic_write_text
+from .utils import atomic_write_text, load_npy
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ ALIGN_COLUMNS = (
     "layer_a", "layer_b", "method", "n_train", "n_heldout", "r2", "r2_ci_low", "r2_ci_high", "r2_null_mean",
     "r2_p_value", "top1", "top10", "chance_top1", "chance_top10", "candidates",
 )  # fmt: skip
-LAYER_CKA_COLUMNS = ("layer_a", "layer_b", "cka")
+LAYER_CKA_COLUMNS = ("layer_a", "layer_b", "cka", "cka_z", "n_pairs", "source")
 
 
 @dataclass
@@ -416,31 +416,47 @@ def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, 
             rep.seed_matches.append(row)
 
 
-def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator) -> list[dict]:
-    """Linear CKA for every cached (layer of A, layer of B) on held-out anchors.
+def _centered_with_norms(X: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """Centered X and its ‖XᵀX‖_F, and the same with every dimension z-scored (rogue dimensions tamed)."""
+    X = X - X.mean(0, dtype=np.float64).astype(np.float32)
+    Z = X / np.maximum(X.std(0), 1e-6)
+    norm = lambda M: float(np.linalg.norm((M.T @ M).astype(np.float64)))  # noqa: E731
+    return X, norm(X), Z, norm(Z)
 
-    Each layer is centered and its ‖XᵀX‖_F computed once; a pair then costs one d_a × d_b product.
+
+def _cka_grid(side_a: dict[int, np.ndarray], side_b: dict[int, np.ndarray], source: str) -> list[dict]:
+    """Linear CKA (feature-space formula) for every (layer of A, layer of B); each layer prepared once."""
+    prep_b = {lb: _centered_with_norms(X) for lb, X in side_b.items()}
+    rows = []
+    for la, Xa in side_a.items():
+        A, na, Az, naz = _centered_with_norms(Xa)
+        for lb, (B, nb, Bz, nbz) in prep_b.items():
+            cka = float(np.sum((A.T @ B).astype(np.float64) ** 2) / (na * nb)) if na * nb > 0 else math.nan
+            cka_z = float(np.sum((Az.T @ Bz).astype(np.float64) ** 2) / (naz * nbz)) if naz * nbz > 0 else math.nan
+            rows.append({"layer_a": la, "layer_b": lb, "cka": cka, "cka_z": cka_z, "n_pairs": len(A), "source": source})
+    return rows
+
+
+def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator) -> list[dict]:
+    """Linear CKA for every (layer of A, layer of B) on held-out anchors, raw and z-scored.
+
+    Uses the all-layers sweep (`cache/layer_sweep`, every block of both models) when extraction
+    wrote one; otherwise the cached layers only.
     """
+    sweep = cache.dir / "layer_sweep"
+    if (sweep / "sweep.json").is_file():
+        xa, xb = load_npy(sweep / "a.npy", mmap=False), load_npy(sweep / "b.npy", mmap=False)
+        if xa.shape[1] < 2:
+            raise InsufficientDataError(f"{sweep} holds {xa.shape[1]} anchor pairs; layer CKA needs at least 2")
+        return _cka_grid(dict(enumerate(xa)), dict(enumerate(xb)), "layer_sweep")
     pairs = cache.anchor_pairs("heldout")
     if len(pairs) < 2:
         raise InsufficientDataError(f"layer CKA needs at least 2 held-out anchor pairs, got {len(pairs)}")
     pid = cache.tokens("a")[pairs[:, 0], 0]
-    sub = passage_subsample(pid, max_tokens, rng)
-    pairs = pairs[sub]
-
-    def prep(key: str, layer: int, col: int) -> tuple[np.ndarray, float]:
-        X = cache.acts(key, layer).take(pairs[:, col])  # float32 [n, d]
-        X -= X.mean(0, dtype=np.float64).astype(np.float32)
-        return X, float(np.linalg.norm((X.T @ X).astype(np.float64)))
-
-    side_b = {lb: prep("b", lb, 1) for lb in cache.layers("b")}
-    rows = []
-    for la in cache.layers("a"):
-        Xa, na = prep("a", la, 0)
-        for lb, (Xb, nb) in side_b.items():
-            cka = float(np.sum((Xa.T @ Xb).astype(np.float64) ** 2) / (na * nb)) if na * nb > 0 else math.nan
-            rows.append({"layer_a": la, "layer_b": lb, "cka": cka})
-    return rows
+    pairs = pairs[passage_subsample(pid, max_tokens, rng)]
+    side_a = {la: cache.acts("a", la).take(pairs[:, 0]) for la in cache.layers("a")}
+    side_b = {lb: cache.acts("b", lb).take(pairs[:, 1]) for lb in cache.layers("b")}
+    return _cka_grid(side_a, side_b, "cached_layers")
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:

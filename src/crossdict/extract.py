@@ -7,8 +7,10 @@ two models read exactly the same text. Each shard of passages is written atomica
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from .cache import (
     CacheMismatchError,
     ShardData,
     hook_name,
+    shard_dir,
     shard_is_done,
     write_manifest,
     write_shard,
@@ -31,7 +34,7 @@ from .cache import (
 from .config import RunConfig
 from .corpus import common_prefix_length, is_heldout, passages
 from .models import check_layers
-from .utils import read_json, resolve_device, stable_hash
+from .utils import atomic_save_npy, atomic_write_json, load_npy, read_json, resolve_device, stable_hash
 
 
 def cache_key(cfg: RunConfig) -> dict:
@@ -40,7 +43,12 @@ def cache_key(cfg: RunConfig) -> dict:
         k: {"name": m.name, "layers": m.layers, "max_ctx": m.max_ctx, "dtype": m.dtype, "backend": m.backend}
         for k, m in (("a", cfg.model_a), ("b", cfg.model_b))
     }
-    return {"models": models, "corpus": cfg.to_dict()["corpus"], "extract": cfg.to_dict()["extract"], "version": CACHE_VERSION}
+    extract = {k: v for k, v in cfg.to_dict()["extract"].items() if k not in _SIDE_OUTPUTS}
+    return {"models": models, "corpus": cfg.to_dict()["corpus"], "extract": extract, "version": CACHE_VERSION}
+
+
+_SIDE_OUTPUTS = ("random_floor", "layer_sweep_tokens")
+"""`extract` keys that shape only the floor and the sweep (their own files and keys), not the main cache."""
 
 
 def _describe_mismatch(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -79,6 +87,21 @@ def truncate_to_common(texts: list[str], backends: dict[str, Backend], max_ctx: 
     return [t[: common_prefix_length(t, toks, ctx, n_special)] for t in texts]
 
 
+def content_states(
+    backend: Backend, texts: list[str], max_ctx: int, layers: list[int], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, torch.Tensor]]]:
+    """Per text: content-token rows `[n_tok, 4]` (position, char_start, char_end, token_id) and
+    `{layer: [n_tok, d_model]}` hidden states; BOS and padding dropped."""
+    for start in range(0, len(texts), batch_size):
+        batch = backend.tokenize(texts[start : start + batch_size], max_ctx)
+        states = backend.hidden_states(batch, layers)
+        content = batch.is_content
+        for i in range(len(batch.texts)):
+            keep = content[i].nonzero().squeeze(1)
+            rows = np.column_stack([keep.numpy(), batch.offsets[i, keep].numpy(), batch.input_ids[i, keep].numpy()])
+            yield rows, {layer: states[layer][i, keep] for layer in layers}
+
+
 def extract_shard(
     texts: list[str], passage_ids: list[int], heldout: list[bool], backends: dict[str, Backend],
     cfg: RunConfig, store_dtype: np.dtype,
@@ -86,35 +109,23 @@ def extract_shard(
     """Hidden states, token index and anchors for one shard of passages."""
     tokens = {k: [] for k in backends}
     acts = {k: {layer: [] for layer in cfg.model(k).layers} for k in backends}
+    offsets = {k: [] for k in backends}
+    for k, backend in backends.items():
+        mcfg = cfg.model(k)
+        per_text = content_states(backend, texts, mcfg.max_ctx, mcfg.layers, cfg.extract.batch_size)
+        for pid, ho, (rows, states) in zip(passage_ids, heldout, per_text):
+            n = len(rows)
+            tokens[k].append(np.column_stack([np.full(n, pid), rows, np.full(n, int(ho))]))
+            for layer in mcfg.layers:
+                acts[k][layer].append(states[layer].cpu().numpy().astype(store_dtype))
+            offsets[k].append(rows[:, 1:3])
     anchors = []
     n_rows = {k: 0 for k in backends}
-    bs = cfg.extract.batch_size
-    for start in range(0, len(texts), bs):
-        chunk = texts[start : start + bs]
-        per_model_offsets = {}
-        for k, backend in backends.items():
-            mcfg = cfg.model(k)
-            batch = backend.tokenize(chunk, mcfg.max_ctx)
-            states = backend.hidden_states(batch, mcfg.layers)
-            content = batch.is_content
-            per_model_offsets[k] = []
-            for i in range(len(chunk)):
-                keep = content[i].nonzero().squeeze(1)
-                offs = batch.offsets[i, keep]
-                pid = passage_ids[start + i]
-                rows = np.column_stack([
-                    np.full(len(keep), pid), keep.numpy(), offs.numpy(),
-                    batch.input_ids[i, keep].numpy(), np.full(len(keep), int(heldout[start + i])),
-                ])
-                tokens[k].append(rows)
-                for layer in mcfg.layers:
-                    acts[k][layer].append(states[layer][i, keep].cpu().numpy().astype(store_dtype))
-                per_model_offsets[k].append(offs.numpy())
-        for i in range(len(chunk)):
-            pairs = anchor_pairs(per_model_offsets["a"][i], per_model_offsets["b"][i], chunk[i], cfg.extract.pairing)
-            anchors.append(pairs + np.array([n_rows["a"], n_rows["b"]]))
-            for k in backends:
-                n_rows[k] += len(per_model_offsets[k][i])
+    for i, text in enumerate(texts):
+        pairs = anchor_pairs(offsets["a"][i], offsets["b"][i], text, cfg.extract.pairing)
+        anchors.append(pairs + np.array([n_rows["a"], n_rows["b"]]))
+        for k in backends:
+            n_rows[k] += len(offsets[k][i])
     cat = lambda xs, d: np.concatenate(xs) if xs else np.zeros((0, d))  # noqa: E731
     return ShardData(
         tokens={k: cat(v, 6).astype(np.int64) for k, v in tokens.items()},
@@ -136,7 +147,42 @@ def load_backends(cfg: RunConfig) -> dict[str, Backend]:
 
 
 def run_extract(cfg: RunConfig, backends: dict[str, Backend] | None = None, progress: bool = True) -> ActivationCache:
-    """Fill (or reuse) `runs/<name>/cache/`; returns the reader over it."""
+    """Fill (or reuse) `runs/<name>/cache/`, then the floor and sweep caches; returns the main cache's reader."""
+    cache, backends = _main_cache(cfg, backends, progress)
+    need_floor = cfg.extract.random_floor and not _floor_is_current(cfg, cache)
+    need_sweep = cfg.extract.layer_sweep_tokens > 0 and not _sweep_is_current(cfg, cache)
+    if need_floor or need_sweep:
+        backends = backends or load_backends(cfg)
+    if need_floor:
+        extract_random_floor(cfg, backends, cache, progress)
+    if need_sweep:
+        extract_layer_sweep(cfg, backends, cache)
+    return cache
+
+
+def _floor_key(cfg: RunConfig, cache: ActivationCache) -> dict:
+    return {"main_cache": cache.manifest["key"], "corpus_fingerprint": cache.manifest.get("corpus_fingerprint"),
+            "seed": cfg.seed, "layers_b": cfg.model_b.layers}
+
+
+def _floor_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
+    path = cfg.run_dir / RANDOM_CACHE / "manifest.json"
+    if not path.is_file():
+        return False
+    m = read_json(path, "random-floor manifest")
+    return m.get("key") == _floor_key(cfg, cache) and bool(m.get("complete"))
+
+
+def _sweep_key(cfg: RunConfig, cache: ActivationCache) -> dict:
+    return {"main_cache": cache.manifest["key"], "n_max": cfg.extract.layer_sweep_tokens}
+
+
+def _sweep_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
+    path = cache.dir / LAYER_SWEEP / "sweep.json"
+    return path.is_file() and read_json(path, "layer sweep").get("key") == _sweep_key(cfg, cache)
+
+
+def _main_cache(cfg: RunConfig, backends: dict[str, Backend] | None, progress: bool) -> tuple[ActivationCache, dict | None]:
     for k in ("a", "b"):  # cheap checks first: no model is loaded for a bad layer index
         check_layers(cfg.model(k).name, cfg.model(k).layers, key=f"model_{k}")
     cache_dir = cfg.cache_dir
@@ -145,7 +191,7 @@ def run_extract(cfg: RunConfig, backends: dict[str, Backend] | None = None, prog
     if manifest is not None and manifest.get("complete"):
         print(f"[crossdict] extract: reusing complete cache {cache_dir} ({manifest['counts']['n_tokens_a']} + "
               f"{manifest['counts']['n_tokens_b']} tokens, pairing rate {manifest['counts']['pairing_rate']:.3f})")
-        return ActivationCache(cache_dir)
+        return ActivationCache(cache_dir), backends
 
     torch.manual_seed(cfg.seed)
     texts = passages(cfg.corpus)
@@ -215,4 +261,124 @@ def run_extract(cfg: RunConfig, backends: dict[str, Backend] | None = None, prog
         f"pairing rate {counts['pairing_rate']:.3f} (A {counts['pairing_rate_a']:.3f}, B {counts['pairing_rate_b']:.3f}); "
         + (f"{n_new / elapsed:.0f} tokens/s (both models, {elapsed:.1f} s) -> {cache_dir}" if n_new else f"-> {cache_dir}")
     )
-    return ActivationCache(cache_dir)
+    return ActivationCache(cache_dir), backends
+
+
+# --- baselines that need a model run: the random-weights floor and the all-layers sweep ----------
+
+RANDOM_CACHE = "cache_random"
+"""`runs/<name>/cache_random/`: model B with random weights on the main cache's passages and anchors."""
+LAYER_SWEEP = "layer_sweep"
+"""`cache/layer_sweep/`: every layer of both models at a few held-out anchor pairs (all-layers CKA map)."""
+
+
+def random_init_like(backend: Backend, seed: int) -> Backend:
+    """The same architecture and tokenizer with freshly initialised weights.
+
+    Comparing A with an untrained B separates what training taught B from what architecture and
+    token identity alone give (the random-network baseline of Kornblith et al. 2019, Sec. 6).
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from .backend_hf import HFBackend
+
+    model = getattr(backend, "model", None)
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(f"the random-init floor needs a transformers model behind {backend.name!r} "
+                         "(backend: hf); set extract.random_floor: false for this backend")
+    torch.manual_seed(seed)
+    rand = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    out = HFBackend(rand, backend.tokenizer, f"{backend.name} (random init, seed {seed})", next(model.parameters()).device)
+    out.info = {"random_init_seed": seed, "config_of": backend.name}
+    return out
+
+
+def extract_random_floor(cfg: RunConfig, backends: dict[str, Backend], cache: ActivationCache, progress: bool = True) -> ActivationCache:
+    """Write `cache_random/`: random-weights B states at exactly the main cache's B tokens.
+
+    Token index and anchors are copied from the main cache, so every anchor pairs the same characters;
+    a tokenization that differs from the main cache's is refused.
+    """
+    out = cfg.run_dir / RANDOM_CACHE
+    key = _floor_key(cfg, cache)
+    old = read_json(out / "manifest.json", "random-floor manifest") if (out / "manifest.json").is_file() else None
+    if _floor_is_current(cfg, cache):
+        return ActivationCache(out)
+    if old is not None and old.get("key") != key:  # made for an older main cache: redo every shard
+        for s in range(int(old.get("n_shards", 0))):
+            marker = shard_dir(out, s) / "done.json"
+            marker.unlink(missing_ok=True)
+    backend = random_init_like(backends["b"], cfg.seed)
+    manifest = json.loads(json.dumps(cache.manifest))
+    manifest.update(key=key, complete=False)
+    manifest["models"]["a"]["layers"] = []  # only B's states are stored; A's token index rides along for the splits
+    manifest["models"]["b"].update(name=backend.name, source=backend.info)
+    write_manifest(out, manifest)
+    texts = cache.passage_texts()
+    layers = cfg.model_b.layers
+    todo = [s for s in range(cache.n_shards) if not shard_is_done(out, s)]
+    for s in tqdm(todo, desc="extract random-init B", disable=not progress):
+        src = shard_dir(cache.dir, s)
+        tok_a, tok_b = load_npy(src / "a.tokens.npy", mmap=False), load_npy(src / "b.tokens.npy", mmap=False)
+        pids = list(dict.fromkeys(tok_b[:, 0].tolist()))  # passage order as stored
+        acts = {layer: [] for layer in layers}
+        got = []
+        for rows, states in content_states(backend, [texts[p] for p in pids], cfg.model_b.max_ctx, layers, cfg.extract.batch_size):
+            got.append(rows[:, 3])
+            for layer in layers:
+                acts[layer].append(states[layer].cpu().numpy())
+        if not np.array_equal(np.concatenate(got), tok_b[:, 4]):
+            raise CacheMismatchError(f"random-init B tokenizes shard {s} differently from {cache.dir}; re-extract the main cache")
+        dtype = np.dtype(cfg.extract.store_dtype)
+        write_shard(out, s, ShardData(
+            tokens={"a": tok_a, "b": tok_b},
+            acts={"a": {}, "b": {layer: np.concatenate(v).astype(dtype) for layer, v in acts.items()}},
+            anchors=load_npy(src / "anchors.npy", mmap=False),
+        ))
+    manifest["complete"] = True
+    write_manifest(out, manifest)
+    print(f"[crossdict] extract: random-init floor for {cfg.model_b.name} layers {layers} -> {out}")
+    return ActivationCache(out)
+
+
+def extract_layer_sweep(cfg: RunConfig, backends: dict[str, Backend], cache: ActivationCache) -> Path | None:
+    """Every layer of both models at up to `extract.layer_sweep_tokens` held-out anchor pairs.
+
+    Writes `cache/layer_sweep/{a,b}.npy` float32 `[n_layers, n_pairs, d_model]`, `passage_id.npy`
+    `[n_pairs]` and `sweep.json`. Whole passages are taken in stored order until the budget is met.
+    """
+    n_max = cfg.extract.layer_sweep_tokens
+    out = cache.dir / LAYER_SWEEP
+    key = _sweep_key(cfg, cache)
+    if _sweep_is_current(cfg, cache):
+        return out
+    texts = cache.passage_texts()
+    tok_a = cache.tokens("a")
+    held = list(dict.fromkeys(tok_a[tok_a[:, 5] == 1, 0].tolist()))
+    chosen, total = [], 0
+    counts = dict(zip(*np.unique(cache.tokens("a")[cache.anchor_pairs("heldout")[:, 0], 0], return_counts=True)))
+    for pid in held:
+        if total >= n_max:
+            break
+        chosen.append(pid)
+        total += int(counts.get(pid, 0))
+    per_model = {}
+    for k, backend in backends.items():
+        layers = list(range(backend.n_layers))
+        per_model[k] = list(content_states(backend, [texts[p] for p in chosen], cfg.model(k).max_ctx, layers, cfg.extract.batch_size))
+    xs = {"a": [], "b": []}
+    pid_rows = []
+    for i, pid in enumerate(chosen):
+        (rows_a, st_a), (rows_b, st_b) = per_model["a"][i], per_model["b"][i]
+        pairs = anchor_pairs(rows_a[:, 1:3], rows_b[:, 1:3], texts[pid], cfg.extract.pairing)
+        for k, st, col in (("a", st_a, 0), ("b", st_b, 1)):
+            xs[k].append(torch.stack([st[layer][pairs[:, col]] for layer in sorted(st)]).numpy())
+        pid_rows.append(np.full(len(pairs), pid))
+    out.mkdir(parents=True, exist_ok=True)
+    for k in ("a", "b"):
+        atomic_save_npy(out / f"{k}.npy", np.concatenate(xs[k], axis=1)[:, :n_max].astype(np.float32))
+    atomic_save_npy(out / "passage_id.npy", np.concatenate(pid_rows)[:n_max].astype(np.int64))
+    atomic_write_json(out / "sweep.json", {"key": key, "n_pairs": int(min(total, n_max)), "n_passages": len(chosen),
+                                           "n_layers": {k: backends[k].n_layers for k in backends}})
+    print(f"[crossdict] extract: all-layers sweep at {min(total, n_max)} held-out anchor pairs -> {out}")
+    return out
