@@ -359,6 +359,14 @@ def test_foreign_checkpoint_is_rejected(tmp_path):
     with pytest.raises(CheckpointError, match=r"seed: checkpoint has 0, this run has 1"):
         train_sae(acts, rows, small_cfg(), 1, tmp_path, True, progress=False)
     assert ckpt.read_bytes() == blob
+    # `crossdict run` (resume="auto") restarts a changed SAE instead of refusing, and says why.
+    fresh = train_sae(acts, rows, small_cfg(lr=1e-3), 0, tmp_path / "auto", False, progress=False)
+    auto_dir = tmp_path / "auto2"
+    auto_dir.mkdir()
+    (auto_dir / "checkpoint.safetensors").write_bytes(blob)
+    restarted = train_sae(acts, rows, small_cfg(lr=1e-3), 0, auto_dir, "auto", progress=False)
+    for a, b in zip(fresh.state_dict().values(), restarted.state_dict().values()):
+        assert torch.equal(a, b)
     save_file({"w": torch.zeros(3)}, str(ckpt))  # some other program's safetensors file
     with pytest.raises(CheckpointError, match="not a crossdict SAE checkpoint"):
         train_sae(acts, rows, small_cfg(), 0, tmp_path, True, progress=False)

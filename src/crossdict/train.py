@@ -61,6 +61,10 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable or belongs to another run; it is left untouched."""
 
 
+class StaleCheckpointError(CheckpointError):
+    """A readable checkpoint made for another config or data: resuming it would mix two runs."""
+
+
 # --- config checks ------------------------------------------------------------------------------
 
 
@@ -195,7 +199,7 @@ def _load_checkpoint(path: Path, expect: dict) -> tuple[dict, dict[str, torch.Te
         raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {CKPT_FORMAT!r}; it was left in place")
     diffs = [f"{k}: checkpoint has {header.get(k)!r}, this run has {v!r}" for k, v in expect.items() if header.get(k) != v]
     if diffs:
-        raise CheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(diffs)}); it was left in "
+        raise StaleCheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(diffs)}); it was left in "
                               "place — delete it or run without resume")
     return header, tensors
 
@@ -234,7 +238,7 @@ def train_sae(
     sae_cfg: SAEConfig,
     seed: int,
     out_dir: Path,
-    resume: bool,
+    resume: bool | str,
     progress: bool = True,
     metadata: dict | None = None,
     max_steps: int | None = None,
@@ -266,10 +270,17 @@ def train_sae(
     since_fired = torch.zeros(sae.d_sae, dtype=torch.int64)
     start, log = 0, []
     if resume and ckpt_path.is_file():
-        header, tensors = _load_checkpoint(ckpt_path, expect)
-        since_fired = _restore(sae, opt, header, tensors, ckpt_path)
-        start = int(header["step"])
-        log = [r for r in _read_log(out_dir / LOG_FILE) if r["step"] < start]
+        try:
+            header, tensors = _load_checkpoint(ckpt_path, expect)
+        except StaleCheckpointError as e:
+            if resume != "auto":  # `crossdict run` resumes what it can and restarts what changed
+                raise
+            print(f"[crossdict] train: {e.args[0].split(';')[0]}; training this SAE from the start")
+            header = None
+        if header is not None:
+            since_fired = _restore(sae, opt, header, tensors, ckpt_path)
+            start = int(header["step"])
+            log = [r for r in _read_log(out_dir / LOG_FILE) if r["step"] < start]
 
     stream = BatchStream(rows, B, seed)
     stop = n_steps if max_steps is None else min(n_steps, max_steps)
