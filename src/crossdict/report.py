@@ -1,0 +1,461 @@
+"""Stage 6, files -> `runs/<name>/report/index.html`: one self-contained page (no network, no CDN).
+
+Reads only what earlier stages wrote (cache manifest, report CSVs, SAE training logs, transfer
+outputs when present) plus the feature-browser data from `browser.py`. Plots are matplotlib PNGs
+inlined as base64; the layer-correspondence heat map and every table are HTML, so their numbers
+can be read (and tested) in the page; the feature browser is a few lines of inline JavaScript over
+an embedded JSON blob.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig
+from .utils import atomic_write_text, read_json
+
+HEADLINE_METRICS = ("linear_cka", "svcca", "pwcca", "rsa", "mutual_knn", "debiased_cka")
+
+
+def _csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+def _f(v, nd: int = 3) -> str:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if math.isnan(x) else f"{x:.{nd}f}"
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+def _summary(cfg: RunConfig, manifest: dict, metrics: list[dict], align: list[dict], matches: list[dict],
+             stitching: list[dict]) -> str:
+    c = manifest.get("counts", {})
+    models = "".join(
+        f"<li><b>{k.upper()}</b>: {html.escape(m['name'])} ({m.get('n_layers', '?')} blocks, d={m.get('d_model', '?')}), "
+        f"layers {m.get('layers')}</li>" for k, m in manifest.get("models", {}).items())
+    data = (f"{c.get('n_passages', '?')} passages ({c.get('n_heldout_passages', '?')} held out) of "
+            f"<code>{html.escape(cfg.corpus.source)}</code>; {c.get('n_tokens_a', '?')} tokens A, {c.get('n_tokens_b', '?')} tokens B, "
+            f"{c.get('n_pairs', '?')} anchor pairs (pairing rate {_f(c.get('pairing_rate'))})")
+    get = {(r["layer_a"], r["layer_b"], r["space"], r["metric"]): r for r in metrics}
+    al = {(r["layer_a"], r["layer_b"], r["method"]): r for r in align}
+    rows = []
+    for la, lb in cfg.layer_pairs:
+        la, lb = str(la), str(lb)
+        p = al.get((la, lb, "procrustes:z"), al.get((la, lb, "procrustes"), {}))
+        cka = get.get((la, lb, "resid_z", "linear_cka"), {})
+        floor = get.get((la, lb, "resid_random_b", "linear_cka"), {})
+        svcca = get.get((la, lb, "resid_z", "svcca"), {})
+        topk = get.get((la, lb, "sae", "topk_overlap"), {})
+        n_sig = sum(1 for m in matches if m["layer_a"] == la and m["layer_b"] == lb and m["method"] == "hungarian"
+                    and _num(m["q_value"]) < cfg.align.q_threshold)
+        st = [s for s in stitching if str(s.get("layer_a")) == la and str(s.get("layer_b")) == lb
+              and s.get("map") == "procrustes" and s.get("control", "") in ("", "none")]
+        rows.append([
+            f"A{la} ↔ B{lb}",
+            f"{_f(p.get('r2'))} [{_f(p.get('r2_ci_low'))}, {_f(p.get('r2_ci_high'))}] <span class=null>null {_f(p.get('r2_null_mean'))}</span>",
+            f"{_f(p.get('top1'))} <span class=null>chance {_f(p.get('chance_top1'), 4)}</span>",
+            f"{_f(cka.get('value'))} [{_f(cka.get('ci_low'))}, {_f(cka.get('ci_high'))}] <span class=null>null {_f(cka.get('null_mean'))}; "
+            f"random-B floor {_f(floor.get('value'))}</span>",
+            f"{_f(svcca.get('value'))} [{_f(svcca.get('ci_low'))}, {_f(svcca.get('ci_high'))}] <span class=null>null {_f(svcca.get('null_mean'))}</span>",
+            f"{n_sig}",
+            f"{_f(topk.get('value'))} <span class=null>null {_f(topk.get('null_mean'))}</span>",
+            _f(st[0].get("frac_recovered")) if st and "frac_recovered" in st[0] else "–",
+        ])
+    table = _table(["layers", "Procrustes R² (held-out, z-scored)", "retrieval top-1", "linear CKA (z-scored)", "SVCCA (z-scored)",
+                    f"matched features (q < {cfg.align.q_threshold})", "top-k overlap", "stitching loss recovered"], rows, "num")
+    return (f'<section id="summary"><h2>Summary</h2><ul>{models}<li>{data}</li></ul>{table}'
+            '<p class=note>Brackets: 95% CI from resampling held-out passages. Null: the same statistic with passages '
+            'shuffled between the models. Floor: A against a randomly initialised B of the same architecture.</p></section>')
+
+
+def _heat_table(rows: list[dict], field: str, pairs: set[tuple[int, int]], title: str) -> str:
+    la_vals = sorted({int(r["layer_a"]) for r in rows})
+    lb_vals = sorted({int(r["layer_b"]) for r in rows})
+    v = {(int(r["layer_a"]), int(r["layer_b"])): _num(r[field]) for r in rows}
+    finite = [x for x in v.values() if math.isfinite(x)]
+    top = max(finite) if finite else 1.0
+    head = "<th>A \\ B</th>" + "".join(f"<th>{lb}</th>" for lb in lb_vals)
+    body = []
+    for la in la_vals:
+        best = max(lb_vals, key=lambda lb: v.get((la, lb), -1.0))
+        cells = []
+        for lb in lb_vals:
+            x = v.get((la, lb), math.nan)
+            shade = 0.0 if not math.isfinite(x) or top <= 0 else x / top
+            cls = " class=pair" if (la, lb) in pairs else ""
+            mark = " best" if lb == best else ""
+            cells.append(f'<td{cls} data-value="{x:.4f}" style="background: rgba(180, 40, 40, {shade:.2f})" '
+                         f'title="A{la} vs B{lb}: {x:.3f}"><span class="v{mark}">{x:.2f}</span></td>')
+        body.append(f"<tr><th>{la}</th>{''.join(cells)}</tr>")
+    return f'<div class=heat><h3>{title}</h3><table class="heatmap"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _layer_section(cfg: RunConfig, rows: list[dict], manifest: dict) -> str:
+    if not rows:
+        return ""
+    pairs = set(cfg.layer_pairs)
+    na = manifest.get("models", {}).get("a", {}).get("n_layers") or 1
+    nb = manifest.get("models", {}).get("b", {}).get("n_layers") or 1
+    depth = []
+    for la in sorted({int(r["layer_a"]) for r in rows}):
+        cand = [r for r in rows if int(r["layer_a"]) == la]
+        best = max(cand, key=lambda r: _num(r["cka_z"]) if math.isfinite(_num(r["cka_z"])) else -1)
+        depth.append([f"A{la} ({(la + 1) / na:.2f})", f"B{best['layer_b']} ({(int(best['layer_b']) + 1) / nb:.2f})", _f(best["cka_z"])])
+    src = rows[0].get("source", "")
+    return ('<section id="layers"><h2>Layer correspondence</h2>'
+            f'<p>Linear CKA between every layer of A (rows) and every layer of B (columns) on {rows[0].get("n_pairs", "?")} '
+            f'held-out anchor pairs ({html.escape(src)}). Outlined cells are the configured pairs; bold marks each row\'s best B layer. '
+            'Raw residuals are dominated by a few rogue dimensions (massive activations), so the z-scored map is the one to read.</p>'
+            + _heat_table(rows, "cka_z", pairs, "z-scored dimensions") + _heat_table(rows, "cka", pairs, "raw residual stream")
+            + "<h3>Does relative depth line up?</h3>"
+            + _table(["A layer (relative depth)", "best B layer (relative depth)", "CKA (z)"], depth, "num") + "</section>")
+
+
+def _metric_plots(cfg: RunConfig, metrics: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        return ""
+    get = {(r["layer_a"], r["layer_b"], r["space"], r["metric"]): r for r in metrics}
+    pairs = [(str(a), str(b)) for a, b in cfg.layer_pairs]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.2), squeeze=False, sharex=True)
+    for ax, (la, lb) in zip(axes[0], pairs):
+        names = [m for m in HEADLINE_METRICS if (la, lb, "resid_z", m) in get]
+        for i, m in enumerate(names):
+            r = get[(la, lb, "resid_z", m)]
+            v, lo, hi = _num(r["value"]), _num(r["ci_low"]), _num(r["ci_high"])
+            ax.barh(i, v, color="#4477aa", alpha=0.8)
+            if math.isfinite(lo) and math.isfinite(hi):
+                ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], color="k", capsize=3, lw=1)
+            ax.plot(_num(r["null_mean"]), i, "x", color="#cc3311", ms=7, label="shuffled null" if i == 0 else None)
+            fl = get.get((la, lb, "resid_random_b", m))
+            if fl:
+                ax.plot(_num(fl["value"]), i, "v", color="#777777", ms=6, label="random-B floor" if i == 0 else None)
+            for key, layer in (("a", la), ("b", lb)):
+                ce = get.get((layer, layer, f"sae_seed_{key}", m))
+                if ce:
+                    ax.plot(_num(ce["value"]), i, "^", color="#228833", ms=6)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_title(f"A{la} ↔ B{lb} (z-scored residuals)", fontsize=9)
+        ax.set_xlim(-0.05, 1.0)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    rows = [[f"A{r['layer_a']} ↔ B{r['layer_b']}", r["space"], r["metric"], _f(r["value"]), f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]",
+             _f(r["null_mean"]), _f(r["p_value"])] for r in metrics]
+    table = _table(["layers", "space", "metric", "value", "95% CI", "null mean", "p"], rows, "num sortable")
+    return ('<section id="metrics"><h2>Similarity metrics</h2><p>Bars: value with 95% CI; ×: shuffled-pairing null; ▼: '
+            'A against a randomly initialised B (floor); ▲: seed-to-seed SAE ceiling where two seeds were trained.</p>'
+            + _png(fig) + f"<details><summary>All metrics ({len(rows)} rows)</summary>{table}</details></section>")
+
+
+def _sae_section(cfg: RunConfig, sae_rows: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
+    for key in ("a", "b"):
+        for layer in cfg.model(key).layers:
+            log_path = cfg.sae_dir(key, layer) / "training_log.jsonl"
+            if not log_path.is_file():
+                continue
+            log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            t = [r["tokens"] for r in log]
+            label = f"{key.upper()} L{layer}"
+            ax1.plot(t, [r["fvu"] for r in log], label=label, lw=1)
+            ax2.plot(t, [r["dead_frac"] for r in log], label=label, lw=1)
+    ax1.set(xlabel="training tokens", ylabel="FVU (train batch)", yscale="log", title="reconstruction")
+    ax2.set(xlabel="training tokens", ylabel="dead latent fraction", title="dead latents")
+    ax1.legend(fontsize=7)
+    cols = ["model", "layer", "seed", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "loss_clean", "loss_sae", "frac_recovered_zero",
+            "frac_recovered_mean", "wall_s"]
+    rows = [[html.escape(r.get(c, "")) if c in ("model",) else (_f(r.get(c)) if c not in ("layer", "seed", "d_sae") else r.get(c, ""))
+             for c in cols] for r in sae_rows]
+    return ('<section id="saes"><h2>Sparse autoencoders</h2>' + _png(fig) + _table(cols, rows, "num")
+            + '<p class=note>FVU, L0 and dead fraction on held-out tokens; LM loss with the SAE spliced in, and the fraction of '
+              'the loss gap to zero- and mean-ablation it recovers.</p></section>')
+
+
+def _match_section(cfg: RunConfig, matches: list[dict], seed_matches: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hung = [m for m in matches if m["method"] == "hungarian"]
+    if not hung:
+        return ""
+    pairs = [(str(a), str(b)) for a, b in cfg.layer_pairs]
+    fig, axes = plt.subplots(1, len(pairs) + 1, figsize=(3.6 * (len(pairs) + 1), 3), squeeze=False)
+    for ax, (la, lb) in zip(axes[0], pairs):
+        ms = [m for m in hung if m["layer_a"] == la and m["layer_b"] == lb]
+        sig = [_num(m["act_corr"]) for m in ms if _num(m["q_value"]) < cfg.align.q_threshold]
+        ns = [_num(m["act_corr"]) for m in ms if not _num(m["q_value"]) < cfg.align.q_threshold]
+        bins = [i / 25 - 0.2 for i in range(31)]
+        ax.hist([ns, sig], bins=bins, stacked=True, color=["#bbbbbb", "#4477aa"], label=["q ≥ 0.05", "q < 0.05"])
+        seed = [_num(m["act_corr"]) for m in seed_matches if m["method"] == "seed_a:hungarian" and m["layer_a"] == la]
+        if seed:
+            ax.hist(seed, bins=bins, histtype="step", color="#228833", label="seed-to-seed (A)")
+        ax.set(title=f"A{la} ↔ B{lb}: matched-pair correlation", xlabel="activation correlation (train anchors)")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=6)
+    ax = axes[0][-1]
+    p = [_num(m["p_value"]) for m in hung if math.isfinite(_num(m["p_value"]))]
+    ax.hist(p, bins=20, range=(0, 1), color="#4477aa")
+    ax.axhline(len(p) / 20, color="#cc3311", ls="--", label="all null (uniform)")
+    ax.set(title="match p-values vs the shuffled null", xlabel="p-value")
+    ax.title.set_fontsize(8)
+    ax.legend(fontsize=6)
+    return ('<section id="matches"><h2>Feature matching</h2><p>One-to-one (Hungarian) matches of SAE latents by activation '
+            'correlation over anchor-paired train tokens; each match\'s p-value comes from a null that shuffles passages '
+            'between the models, then Benjamini–Hochberg q-values. Under no shared features the p-values would be uniform '
+            '(dashed line).</p>' + _png(fig) + "</section>")
+
+
+def _transfer_section(transfer: list[dict], stitching: list[dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not transfer and not stitching:
+        return ""
+    out = '<section id="transfer"><h2>Causal transfer</h2>'
+    zcol = next((c for c in ("control_z", "z_score") if transfer and c in transfer[0]), None)
+    if transfer and zcol:
+        kinds = sorted({r.get("direction", "") for r in transfer})
+        fig, ax = plt.subplots(figsize=(6, 3))
+        for i, kind in enumerate(kinds):
+            zs = [_num(r[zcol]) for r in transfer if r.get("direction", "") == kind and math.isfinite(_num(r[zcol]))]
+            ax.scatter([i + (j % 7 - 3) * 0.03 for j in range(len(zs))], zs, s=10, alpha=0.6)
+        ax.axhline(1.645, color="#cc3311", ls="--", lw=1, label="95th pct. of controls (z = 1.645)")
+        ax.set_xticks(range(len(kinds)), kinds)
+        ax.set(ylabel="effect z-score vs random directions")
+        ax.legend(fontsize=7)
+        out += ("<p>Each point: one matched feature pair × α × direction kind; its effect measured against random "
+                "directions of the same norm (and an unmatched feature).</p>" + _png(fig))
+    if transfer:
+        cols = [c for c in transfer[0].keys()][:14]
+        rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in transfer[:400]]
+        out += f"<details><summary>transfer.csv ({len(transfer)} rows)</summary>{_table(cols, rows, 'num sortable')}</details>"
+    if stitching:
+        cols = list(stitching[0].keys())
+        rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in stitching]
+        out += "<h3>Stitching: A's residual mapped into B</h3>" + _table(cols, rows, "num")
+    return out + "</section>"
+
+
+def _is_float(v) -> bool:
+    try:
+        float(v)
+        return not str(v).isdigit()
+    except (TypeError, ValueError):
+        return False
+
+
+def _promoted(report_dir: Path) -> dict:
+    """`"la:fa:fb" -> {"a": [...], "b": [...]}` top promoted strings, from transfer_examples.json when present."""
+    path = report_dir / "transfer_examples.json"
+    if not path.is_file():
+        return {}
+    data = read_json(path, "transfer examples")
+    items = data if isinstance(data, list) else data.get("examples", [])
+    out = {}
+    for e in items:
+        key = f"{e.get('layer_a')}:{e.get('feat_a')}:{e.get('feat_b')}"
+        out[key] = {"a": e.get("promoted_a", e.get("top_a", [])), "b": e.get("promoted_b", e.get("top_b", []))}
+    return out
+
+
+# --- page ---------------------------------------------------------------------------------------
+
+
+def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
+    """Write `report/index.html` from the run's files; returns its path."""
+    from .browser import browser_data
+
+    rd = cfg.report_dir
+    manifest = read_json(cfg.cache_dir / "manifest.json", "activation cache manifest")
+    metrics, align, matches = _csv(rd / "metrics.csv"), _csv(rd / "alignment.csv"), _csv(rd / "feature_matches.csv")
+    transfer, stitching = _csv(rd / "transfer.csv"), _csv(rd / "stitching.csv")
+    browser = browser_data(cfg, per_pair)
+    promoted = _promoted(rd)
+    for b in browser:
+        b["promoted"] = promoted.get(f"{b['layer_a']}:{b['feat_a']}:{b['feat_b']}", {})
+    body = (
+        _summary(cfg, manifest, metrics, align, matches, stitching)
+        + _layer_section(cfg, _csv(rd / "layer_cka.csv"), manifest)
+        + _metric_plots(cfg, metrics)
+        + _sae_section(cfg, _csv(rd / "sae_metrics.csv"))
+        + _match_section(cfg, matches, _csv(rd / "feature_matches_seed.csv"))
+        + _transfer_section(transfer, stitching)
+        + _browser_section(browser)
+        + _HOW_TO_READ
+    )
+    names = f"{html.escape(cfg.model_a.name)} ↔ {html.escape(cfg.model_b.name)}"
+    page = (_PAGE.replace("{{title}}", f"crossdict: {names}").replace("{{run}}", html.escape(cfg.run_name))
+            .replace("{{version}}", __version__).replace("{{body}}", body)
+            .replace("{{data}}", json.dumps(browser, separators=(",", ":")).replace("</", "<\\/")))
+    path = rd / "index.html"
+    atomic_write_text(path, page)
+    print(f"[crossdict] report: {path} ({len(page) / 1e6:.1f} MB, {len(browser)} feature pairs in the browser)")
+    return path
+
+
+def _browser_section(browser: list[dict]) -> str:
+    if not browser:
+        return ('<section id="browser"><h2>Feature browser</h2><p>No significant matches to browse '
+                '(feature_matches.csv missing or empty).</p></section>')
+    return """<section id="browser"><h2>Feature browser</h2>
+<p>Matched feature pairs (q &lt; 0.05), best correlation first. Type to filter (layer, feature id, promoted string);
+click a column to sort; click a row to see where both features fire in the same held-out text:
+<span class="hl-a">A's activation</span> and <span class="hl-b">B's activation</span> on exactly the characters both models read.</p>
+<input id="filter" placeholder="filter: e.g. 8-5, 1234, ' the'">
+<div class="browser"><div class="list"><table id="pairs" class="sortable num"><thead><tr>
+<th data-k="pair">layers</th><th data-k="feat_a">feat A</th><th data-k="feat_b">feat B</th><th data-k="act_corr">corr</th>
+<th data-k="dec_cos">dec cos</th><th data-k="stability">stability</th><th data-k="q_value">q</th></tr></thead><tbody></tbody></table></div>
+<div id="detail"><p class=note>Choose a pair.</p></div></div></section>"""
+
+
+_HOW_TO_READ = """<section id="howto"><h2>How to read this report</h2><ul>
+<li><b>Anchor pairs</b>: token i of A and token j of B are paired when both end at the same character, so both models have read exactly the same text.</li>
+<li><b>Held-out</b>: every map and match is fitted on train passages; every number here is scored on held-out passages.</li>
+<li><b>CI, null, floor, ceiling</b>: a metric matters when its CI clears the shuffled-pairing null and the random-weights floor; the seed-to-seed SAE ceiling says how similar two dictionaries of the <i>same</i> model are.</li>
+<li><b>Rogue dimensions</b>: raw residual streams carry a few huge dimensions; z-scored ("resid_z", ":z") numbers are the ones that reflect the whole representation.</li>
+<li><b>Feature pairs</b>: correlation is over paired tokens; decoder cosine compares directions after the Procrustes map; stability is the share of passage-bootstrap resamples in which the same match recurs.</li>
+</ul></section>"""
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{title}}</title>
+<style>
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1400px;padding:0 20px 60px;color:#222}
+h1{font-size:22px;margin:18px 0 4px} h2{border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:30px} h3{font-size:15px}
+nav a{margin-right:12px} .note,.null{color:#666;font-size:12px} code{background:#f4f4f4;padding:0 3px}
+table{border-collapse:collapse;margin:8px 0} th,td{border:1px solid #ddd;padding:3px 7px;text-align:left} th{background:#f6f6f6}
+table.num td{font-variant-numeric:tabular-nums} img{max-width:100%}
+.heat{display:inline-block;vertical-align:top;margin-right:24px} .heatmap td{width:34px;text-align:center;font-size:11px;padding:2px}
+.heatmap td.pair{outline:2px solid #000} .heatmap .best{font-weight:bold}
+.browser{display:flex;gap:16px;align-items:flex-start} .list{max-height:640px;overflow:auto;flex:0 0 480px}
+#pairs tbody tr{cursor:pointer} #pairs tbody tr:hover{background:#eef} #pairs tr.sel{background:#dde}
+#detail{flex:1;min-width:0} .cols{display:flex;gap:16px} .col{flex:1;min-width:0}
+.ctx{font:12px/1.5 ui-monospace,monospace;white-space:pre-wrap;word-break:break-word;border:1px solid #eee;padding:4px;margin:4px 0}
+.ctx .peak{outline:1px solid #000} .hl-a{background:rgba(230,120,20,.5)} .hl-b{background:rgba(40,100,220,.45)}
+.lab{font-size:11px;color:#555} .who{float:left;font:bold 10px system-ui;color:#fff;background:#888;padding:0 4px;margin-right:6px} input#filter{width:420px;padding:4px;margin:6px 0} th[data-k]{cursor:pointer}
+ul.prom{font:12px ui-monospace,monospace;columns:2;margin:4px 0}
+</style></head><body>
+<h1>{{title}}</h1><div class=note>run <code>{{run}}</code> · crossdict {{version}} · self-contained report (no network)</div>
+<nav><a href="#summary">summary</a><a href="#layers">layers</a><a href="#metrics">metrics</a><a href="#saes">SAEs</a>
+<a href="#matches">matches</a><a href="#transfer">transfer</a><a href="#browser">feature browser</a><a href="#howto">how to read</a></nav>
+{{body}}
+<script id="browser-data" type="application/json">{{data}}</script>
+<script>
+"use strict";
+const DATA = JSON.parse(document.getElementById("browser-data").textContent);
+const esc = s => s.replace(/[&<>"]/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;","\\"":"&quot;"}[c]));
+function highlight(text, spans, cls, peak, max) {
+  // spans: [[start, end, act]] relative to the text; opacity by activation / max
+  const marks = new Array(text.length).fill(0);
+  for (const [s, e, v] of spans) for (let i = s; i < e && i < text.length; i++) marks[i] = Math.max(marks[i], v);
+  let out = "", i = 0;
+  while (i < text.length) {
+    let j = i; while (j < text.length && marks[j] === marks[i] && (i >= peak[0] && i < peak[1]) === (j >= peak[0] && j < peak[1])) j++;
+    const seg = esc(text.slice(i, j)), v = marks[i], pk = i >= peak[0] && i < peak[1] ? " peak" : "";
+    if (v > 0) { const a = Math.min(1, 0.15 + 0.85 * v / (max || 1)).toFixed(2);
+      out += `<span class="${cls}${pk}" style="opacity:1;background-color:${cls === "hl-a" ? "rgba(230,120,20," : "rgba(40,100,220,"}${a})" title="${v}">${seg}</span>`; }
+    else out += pk ? `<span class="peak">${seg}</span>` : seg;
+    i = j;
+  }
+  return out;
+}
+function hist(h, color) {
+  const w = 220, hh = 60, n = h.counts.length, m = Math.max(1, ...h.counts);
+  let bars = "";
+  h.counts.forEach((c, i) => { const bh = hh * c / m; bars += `<rect x="${i * w / n}" y="${hh - bh}" width="${w / n - 1}" height="${bh}" fill="${color}"><title>${h.edges[i]}–${h.edges[i + 1]}: ${c}</title></rect>`; });
+  return `<svg class="hist" width="${w}" height="${hh + 14}">${bars}<text x="0" y="${hh + 12}" font-size="10">${h.edges[0]}</text><text x="${w}" y="${hh + 12}" font-size="10" text-anchor="end">${h.edges[h.edges.length - 1]}</text></svg><div class="lab">active on ${(100 * h.freq).toFixed(2)}% of held-out tokens</div>`;
+}
+function contexts(list, maxA, maxB) {
+  if (!list.length) return "<p class=note>never active on held-out text</p>";
+  return list.map(c => `<div class="context"><div class="lab">passage ${c.passage}, peak ${c.max}</div>
+    <div class="ctx ctx-a"><span class="who">A</span>${highlight(c.text, c.a, "hl-a", c.peak, maxA)}</div>
+    <div class="ctx ctx-b"><span class="who">B</span>${highlight(c.text, c.b, "hl-b", c.peak, maxB)}</div></div>`).join("");
+}
+function promoted(list) {
+  if (!list || !list.length) return "<p class=note>no transfer run for this pair</p>";
+  return "<ul class=prom>" + list.slice(0, 12).map(p => `<li>${esc(JSON.stringify(Array.isArray(p) ? p[0] : (p.token ?? p)))}${Array.isArray(p) ? " " + Number(p[1]).toFixed(2) : ""}</li>`).join("") + "</ul>";
+}
+function show(d, tr) {
+  document.querySelectorAll("#pairs tr.sel").forEach(r => r.classList.remove("sel")); tr.classList.add("sel");
+  const maxA = Math.max(1e-6, ...d.contexts_a.map(c => c.max)), maxB = Math.max(1e-6, ...d.contexts_b.map(c => c.max));
+  document.getElementById("detail").innerHTML = `<h3>A${d.layer_a}:${d.feat_a} ↔ B${d.layer_b}:${d.feat_b}</h3>
+    <div class="lab">activation correlation ${d.act_corr} · decoder cosine (mapped) ${d.dec_cos} · q ${d.q_value} · stability ${d.stability}</div>
+    <div class="cols"><div class="col" id="detail-a"><h4>A's feature ${d.feat_a} (layer ${d.layer_a})</h4>${hist(d.hist_a, "rgb(230,120,20)")}
+      <div class="lab">top held-out contexts of A's feature; first line A, second line B on the same text</div>${contexts(d.contexts_a, maxA, maxB)}
+      <h4>promoted when injected in A</h4>${promoted(d.promoted && d.promoted.a)}</div>
+    <div class="col" id="detail-b"><h4>B's feature ${d.feat_b} (layer ${d.layer_b})</h4>${hist(d.hist_b, "rgb(40,100,220)")}
+      <div class="lab">top held-out contexts of B's feature; first line A, second line B on the same text</div>${contexts(d.contexts_b, maxA, maxB)}
+      <h4>promoted when injected in B</h4>${promoted(d.promoted && d.promoted.b)}</div></div>`;
+}
+let rows = DATA.map((d, i) => ({...d, pair: `${d.layer_a}-${d.layer_b}`, i}));
+function render() {
+  const f = document.getElementById("filter").value.trim().toLowerCase();
+  const tb = document.querySelector("#pairs tbody"); tb.innerHTML = "";
+  for (const d of rows) {
+    const hay = `${d.pair} ${d.feat_a} ${d.feat_b} ${JSON.stringify(d.promoted || {})}`.toLowerCase();
+    if (f && !hay.includes(f)) continue;
+    const tr = document.createElement("tr"); tr.dataset.i = d.i;
+    tr.innerHTML = `<td>A${d.layer_a}↔B${d.layer_b}</td><td>${d.feat_a}</td><td>${d.feat_b}</td><td>${d.act_corr.toFixed(3)}</td><td>${d.dec_cos.toFixed(3)}</td><td>${d.stability.toFixed(2)}</td><td>${d.q_value.toExponential(1)}</td>`;
+    tr.onclick = () => show(DATA[d.i], tr); tb.appendChild(tr);
+  }
+}
+if (document.getElementById("pairs")) {
+  document.getElementById("filter").oninput = render;
+  document.querySelectorAll("#pairs th[data-k]").forEach(th => th.onclick = () => {
+    const k = th.dataset.k, dir = th.dataset.dir === "asc" ? -1 : 1; th.dataset.dir = dir === 1 ? "asc" : "desc";
+    rows.sort((x, y) => (x[k] > y[k] ? 1 : x[k] < y[k] ? -1 : 0) * dir); render(); });
+  render();
+}
+document.querySelectorAll("table.sortable:not(#pairs)").forEach(tbl => tbl.querySelectorAll("th").forEach((th, col) => th.onclick = () => {
+  const tb = tbl.tBodies[0], rs = [...tb.rows], dir = th.dataset.dir === "asc" ? -1 : 1; th.dataset.dir = dir === 1 ? "asc" : "desc";
+  const key = r => { const t = r.cells[col].textContent, n = parseFloat(t); return isNaN(n) ? t : n; };
+  rs.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * dir); rs.forEach(r => tb.appendChild(r)); }));
+</script></body></html>
+"""
