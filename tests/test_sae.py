@@ -461,6 +461,16 @@ def test_lm_loss_recovered_on_tiny_gpt2():
     rnd = lm_loss_recovered(backend, sae, layer, batches)
     assert rnd["loss_sae"] != pytest.approx(rnd["loss_clean"], abs=1e-4)
     assert rnd["frac_recovered_zero"] < 1.0
+    # The clean loss handed on from another layer gives the same numbers, and is a plain log-softmax NLL.
+    again = lm_loss_recovered(backend, sae, layer, batches, clean_loss=rnd["loss_clean"])
+    assert again == pytest.approx(rnd)
+    nll, n = 0.0, 0
+    for b in batches:
+        logp = torch.log_softmax(backend.logits(b)[:, :-1], -1)
+        valid = b.is_content[:, :-1] & b.attention_mask[:, 1:].bool()
+        nll -= float(logp.gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)[valid].sum())
+        n += int(valid.sum())
+    assert rnd["loss_clean"] == pytest.approx(nll / n, rel=1e-5)
 
 
 def test_lm_loss_leaves_bos_and_padding_untouched():

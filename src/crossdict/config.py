@@ -80,6 +80,8 @@ class SAEConfig:
     train_tokens: int = 2_000_000
     checkpoint_every: int = 200
     seeds: list[int] = field(default_factory=lambda: [0])
+    lm_eval_passages: int = 32
+    """Held-out passages on which the LM loss with the SAE spliced in is measured (evaluation only)."""
 
 
 @dataclass
@@ -201,6 +203,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "l1_coefficient": (lambda v: v >= 0, "a number >= 0"),
     "lr": (lambda v: v > 0, "a number > 0"),
     "train_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "lm_eval_passages": (lambda v: v >= 1, "an integer >= 1"),
     "ridge_alpha": (lambda v: v >= 0, "a number >= 0"),
     "svcca_variance": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "n_bootstrap": (lambda v: v >= 0, "an integer >= 0"),

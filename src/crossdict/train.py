@@ -29,6 +29,7 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -98,6 +99,7 @@ def _config_dict(cfg: SAEConfig) -> dict[str, Any]:
     """The SAE config fields that determine a trained SAE (seeds select, they do not determine)."""
     d = dataclasses.asdict(cfg)
     d.pop("seeds", None)
+    d.pop("lm_eval_passages", None)  # evaluation only
     return d
 
 
@@ -398,20 +400,23 @@ def evaluate_sae(sae: SAE, acts: Rows, rows: np.ndarray, block_rows: int = 4096)
 
 def _next_token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
     """Summed NLL of the next token over positions that are content and have a real next token."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = batch.input_ids[:, 1:].to(logits.device)
-    valid = batch.is_content[:, :-1].to(logits.device) & batch.attention_mask[:, 1:].bool().to(logits.device)
-    nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return float(nll[valid].double().sum()), int(valid.sum())
+    valid = batch.is_content[:, :-1] & batch.attention_mask[:, 1:].bool()
+    target = batch.input_ids[:, 1:].masked_fill(~valid, -100)
+    target = torch.cat([target, torch.full_like(target[:, :1], -100)], 1).to(logits.device)  # last position: no next token
+    # Fused and on a view: a Gemma-3 batch of logits is ~2 GB, one more copy is not free.
+    nll = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), target.view(-1), ignore_index=-100, reduction="sum")
+    return float(nll), int(valid.sum())
 
 
 @torch.no_grad()
-def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch]) -> dict[str, float]:
+def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch],
+                      clean_loss: float | None = None) -> dict[str, float]:
     """Next-token loss with the SAE reconstruction spliced in after block `layer`, vs clean and ablations.
 
     Only content positions are replaced (BOS and padding keep their clean residual: the SAE never
     saw them in training). frac_recovered_X = (L_X - L_sae) / (L_X - L_clean) for X in {zero, mean}.
-    `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]` tensors.
+    `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]` tensors. `clean_loss`,
+    if given, is the clean loss on these same batches (it does not depend on the layer: pass it on).
     """
     batches = list(batches)
     if hasattr(sae, "eval"):
@@ -432,7 +437,7 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
         return lambda h: torch.where(mask.to(h.device)[..., None], fn(h).to(h.dtype), h)
 
     kinds = {
-        "clean": None,
+        **({"clean": None} if clean_loss is None else {}),
         "sae": lambda h: sae.decode(sae.encode(h.float())),
         "zero": lambda h: torch.zeros_like(h),
         "mean": lambda h: mean.to(h.device).expand_as(h),
@@ -448,6 +453,8 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
     if n_tok == 0:
         raise ValueError("lm_loss_recovered: no positions with a next content token")
     loss = {k: v / n_tok for k, v in sums.items()}
+    if clean_loss is not None:
+        loss["clean"] = clean_loss
     out = {f"loss_{k}": v for k, v in loss.items()}
     for abl in ("zero", "mean"):
         gap = loss[abl] - loss["clean"]
@@ -463,14 +470,13 @@ CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "
                "train_tokens", "wall_s"]
 
 
-def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None = None,
-                n_passages: int = 32) -> list[Batch]:
+def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None = None) -> list[Batch]:
     """Held-out corpus passages (or `texts`), tokenized by `backend`, for the LM-loss evaluation."""
     if texts is None:
         from .corpus import is_heldout, passages  # owned by the extraction stage
 
         texts = [p for p in passages(cfg.corpus) if is_heldout(p, cfg.corpus.heldout_fraction)]
-    texts = texts[:n_passages]
+    texts = texts[: cfg.sae.lm_eval_passages]
     bs = cfg.extract.batch_size
     return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
 
@@ -487,12 +493,14 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
 
     SAEs whose directory is complete and whose saved fingerprint (SAE config, seed, model, layer,
     cache manifest) matches are reused, not retrained. Without `backends` the LM-loss columns stay
-    empty; with them, the LM loss is measured on `lm_texts` (default: the first 32 held-out corpus
+    empty; with them, the LM loss is measured on `lm_texts` (default: the first `sae.lm_eval_passages` held-out corpus
     passages, via `crossdict.corpus`).
     """
     cache = ActivationCache(cfg.cache_dir)
     seeds = list(seeds if seeds is not None else cfg.sae.seeds)
     results = []
+    lm_batches: dict[str, list[Batch]] = {}
+    clean_loss: dict[str, float] = {}  # per model: the same batches give the same clean loss at every layer
     for key in ("a", "b"):
         d_model = cache.d_model(key)
         train_rows, held_rows = cache.rows(key, "train"), cache.rows(key, "heldout")
@@ -517,9 +525,14 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
                     metrics = evaluate_sae(sae, acts, held_rows)
                     metrics["train_wall_s"] = time.perf_counter() - t0
                     atomic_write_json(out_dir / METRICS_FILE, metrics)
-                if backends is not None and "loss_sae" not in metrics:
+                if backends is not None and metrics.get("lm_eval_passages") != cfg.sae.lm_eval_passages:
                     sae = load_sae(out_dir)
-                    metrics.update(lm_loss_recovered(backends[key], sae, layer, _lm_batches(cfg, key, backends[key], lm_texts)))
+                    if key not in lm_batches:
+                        lm_batches[key] = _lm_batches(cfg, key, backends[key], lm_texts)
+                    batches = lm_batches[key]
+                    metrics.update(lm_loss_recovered(backends[key], sae, layer, batches, clean_loss.get(key)))
+                    metrics["lm_eval_passages"] = cfg.sae.lm_eval_passages
+                    clean_loss[key] = metrics["loss_clean"]
                     atomic_write_json(out_dir / METRICS_FILE, metrics)
                 row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
                        "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
