@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 
@@ -121,3 +122,89 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     assert not errors, errors
     assert all(u.startswith(("file:", "data:")) for u in requests), requests  # nothing fetched from a network
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_unwritable_output_dir_fails_clearly(tiny_models, tmp_path, capsys):
+    from crossdict.cli import main
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the output directory should be")
+    cfg_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    cfg = tiny_run_config(tiny_models, tmp_path)
+    d = cfg.to_dict()
+    d["output_dir"] = str(blocker / "runs")
+    cfg_path.write_text(yaml.safe_dump(d))
+    assert main(["run", "--config", str(cfg_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write to" in err and "not_a_dir" in err and "choose a writable output_dir" in err
+    assert blocker.read_text().startswith("a file")
+
+
+def test_full_disk_fails_clearly_and_keeps_earlier_outputs(finished_run, monkeypatch, capsys):
+    import errno
+
+    from crossdict import report
+    from crossdict.cli import main
+
+    cfg, _ = finished_run
+    html_before = (cfg.report_dir / "index.html").read_bytes()
+    metrics_before = (cfg.report_dir / "metrics.csv").read_bytes()
+    (cfg.run_dir / "stages" / "report.json").unlink()  # force the report stage to run
+
+    real = report.atomic_write_text
+
+    def full_disk(path, text):
+        from crossdict.utils import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(text[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "atomic_write_text", full_disk)
+    cfg_path = cfg.run_dir / "config.yaml"
+    assert main(["run", "--config", str(cfg_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "disk full while writing" in err and "index.html" in err
+    assert (cfg.report_dir / "index.html").read_bytes() == html_before  # old report intact, no half file
+    assert (cfg.report_dir / "metrics.csv").read_bytes() == metrics_before
+    assert not list(cfg.report_dir.glob(".*.tmp"))
+    monkeypatch.setattr(report, "atomic_write_text", real)
+    capsys.readouterr()
+    from crossdict.config import load_config
+
+    status = run_all(load_config(cfg_path), progress=False)  # space is back: only the report runs
+    assert status == {"extract": "skipped", "train": "skipped", "align": "skipped", "report": "ran"}
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tiny_models, tmp_path, monkeypatch, capsys):
+    from crossdict import train
+
+    cfg = tiny_run_config(tiny_models, tmp_path)
+    real = train.train_sae
+    calls = []
+
+    def killed_after_15_steps(acts, rows, sae_cfg, seed, out_dir, resume, *a, **k):
+        calls.append((out_dir, (out_dir / train.CKPT_FILE).is_file()))
+        real(acts, rows, sae_cfg, seed, out_dir, resume, *a, **{**k, "max_steps": 15})
+        raise KeyboardInterrupt  # Ctrl-C right after the step-15 checkpoint
+
+    monkeypatch.setattr(train, "train_sae", killed_after_15_steps)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(cfg, progress=False)
+    first = calls[0][0]
+    assert (first / train.CKPT_FILE).is_file() and not (cfg.run_dir / "stages" / "train.json").exists()
+
+    def watched(acts, rows, sae_cfg, seed, out_dir, resume, *a, **k):
+        calls.append((out_dir, (out_dir / train.CKPT_FILE).is_file()))
+        return real(acts, rows, sae_cfg, seed, out_dir, resume, *a, **k)
+
+    monkeypatch.setattr(train, "train_sae", watched)
+    capsys.readouterr()
+    status = run_all(cfg, progress=False)
+    assert status["extract"] == "skipped" and status["train"] == "ran"
+    assert calls[1] == (first, True)  # the interrupted SAE started from its checkpoint ...
+    log = [line for line in (first / train.LOG_FILE).read_text().splitlines() if line]
+    assert len(log) == len({json.loads(r)["step"] for r in log}) and json.loads(log[-1])["step"] == 29  # ... and finished once
+    assert not (first / train.CKPT_FILE).exists()
