@@ -208,6 +208,8 @@ def test_run_align_end_to_end(toy_run, caplog):
             assert lo <= v <= hi and null < v and p == pytest.approx(1 / 21), (pair, metric)
             floor = got[(*pair, "resid_random_b", metric)]
             assert float(floor["value"]) < v, (pair, metric)
+            zfloor, z = got[(*pair, "resid_z_random_b", metric)], got[(*pair, "resid_z", metric)]
+            assert float(zfloor["value"]) < float(z["value"]), (pair, metric)
         assert float(got[(*pair, "resid", "linear_cka")]["value"]) > 0.5
         assert float(got[(*pair, "resid_z", "linear_cka")]["value"]) > 0.5
         for metric in ("linear_cka", "debiased_cka", "rsa", "mutual_knn", "topk_overlap", "match_rate_hungarian", "invariance_hungarian"):
@@ -222,6 +224,7 @@ def test_run_align_end_to_end(toy_run, caplog):
             assert float(by[(la, m)]["r2"]) > 0.3
             assert float(by[(la, m)]["top1"]) > 5 * float(by[(la, m)]["chance_top1"])
             assert float(by[(la, m + ":random_b")]["r2"]) < 0.1  # floor: nothing to align with
+            assert float(by[(la, m + ":z:random_b")]["r2"]) < 0.1
             assert float(by[(la, m + ":z")]["r2"]) > 0.3
     assert (cfg.run_dir / "alignment" / "1_2" / "procrustes.safetensors").is_file()
     assert LinearMap.load(cfg.run_dir / "alignment" / "3_4", "ridge").d_b == 16

@@ -10,7 +10,7 @@ Outputs (all written atomically) under `runs/<name>/`:
   report/layer_cka.csv        linear CKA for every cached (layer of A, layer of B)
 
 Spaces in metrics.csv: `resid` (raw residual streams), `resid_z` (every dimension z-scored with
-train statistics, see `zscore`; alignment.csv methods with suffix `:z`), `sae` (SAE codes), `resid_random_b` (A vs a
+train statistics, see `zscore`; alignment.csv methods with suffix `:z`), `sae` (SAE codes), `resid_random_b` / `resid_z_random_b` (A vs a
 randomly initialised B: the floor, from `runs/<name>/cache_random` when present), `sae_seed_a` /
 `sae_seed_b` (an SAE vs the same model's SAE trained with another seed: the ceiling).
 All metrics are computed on held-out anchors; maps and matches are chosen on train anchors.
@@ -381,6 +381,11 @@ def _align_pair(
             floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
             rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, acfg, rng, la, lb, suffix=":random_b")
             rep.metrics += _rows(la, lb, "resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
+            if acfg.standardized_space:  # the floor for the z-scored numbers, in the same space
+                zrb_tr, zrb_ho = zscore(rb_tr, rb_ho)
+                zfloor = fit_maps(zrb_tr.xa, zrb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
+                rep.alignment += _score_maps(zfloor, tr.n, zrb_ho, acfg, rng, la, lb, suffix=":z:random_b")
+                rep.metrics += _rows(la, lb, "resid_z_random_b", resid_metrics(zrb_tr, zrb_ho, acfg, rng))
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
 

@@ -77,7 +77,7 @@ def _summary(cfg: RunConfig, manifest: dict, metrics: list[dict], align: list[di
         la, lb = str(la), str(lb)
         p = al.get((la, lb, "procrustes:z"), al.get((la, lb, "procrustes"), {}))
         cka = get.get((la, lb, "resid_z", "linear_cka"), {})
-        floor = get.get((la, lb, "resid_random_b", "linear_cka"), {})
+        floor = get.get((la, lb, "resid_z_random_b", "linear_cka"), {})
         svcca = get.get((la, lb, "resid_z", "svcca"), {})
         topk = get.get((la, lb, "sae", "topk_overlap"), {})
         n_sig = sum(1 for m in matches if m["layer_a"] == la and m["layer_b"] == lb and m["method"] == "hungarian"
@@ -165,7 +165,7 @@ def _metric_plots(cfg: RunConfig, metrics: list[dict]) -> str:
             if math.isfinite(lo) and math.isfinite(hi):
                 ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], color="k", capsize=3, lw=1)
             ax.plot(_num(r["null_mean"]), i, "x", color="#cc3311", ms=7, label="shuffled null" if i == 0 else None)
-            fl = get.get((la, lb, "resid_random_b", m))
+            fl = get.get((la, lb, "resid_z_random_b", m))
             if fl:
                 ax.plot(_num(fl["value"]), i, "v", color="#777777", ms=6, label="random-B floor" if i == 0 else None)
             for key, layer in (("a", la), ("b", lb)):
