@@ -600,3 +600,38 @@ def test_saved_sae_encodes_raw_activations_like_the_original(tmp_path_factory, s
     assert same_support.float().mean() > 0.99  # a value sitting exactly on a threshold may flip
     assert torch.allclose(c0 * same_support, c1 * same_support, atol=1e-5, rtol=1e-5)
     assert torch.allclose(sae.decode(c0), back.decode(c0), rtol=1e-5, atol=1e-5 / s)
+
+
+def test_massive_activations_are_left_out_and_that_saves_the_dictionary(tmp_path):
+    """1% of tokens with a 300x-norm 'sink' direction: kept in, they eat the loss and features stay unlearned."""
+    from crossdict.train import drop_massive, massive_activation_threshold
+
+    x, dirs = planted(30_000, d=64, n_feat=256, seed=3)
+    rng = np.random.default_rng(4)
+    sink_rows = rng.choice(len(x), size=300, replace=False)
+    sink = rng.standard_normal(64)
+    x[sink_rows] += 300.0 * sink / np.linalg.norm(sink)
+    acts, rows = Arr(x), np.arange(len(x))
+    max_norm = massive_activation_threshold(acts, rows, 10.0)
+    kept = drop_massive(acts, rows, max_norm)
+    assert set(rows) - set(kept) == set(sink_rows)  # exactly the planted sinks go
+    assert massive_activation_threshold(acts, rows, 0.0) is None and len(drop_massive(acts, rows, None)) == len(rows)
+    cfg = small_cfg(expansion_factor=4, k=4, batch_size=256, train_tokens=256 * 300, dead_tokens_threshold=5000, aux_k=32)
+    normal = np.setdiff1d(rows, sink_rows)
+    with_sinks = train_sae(acts, rows, cfg, 0, tmp_path / "all", False, progress=False)
+    without = train_sae(acts, kept, cfg, 0, tmp_path / "kept", False, progress=False)
+    cos_all, cos_kept = best_cos(with_sinks, dirs).mean(), best_cos(without, dirs).mean()
+    fvu_all, fvu_kept = evaluate_sae(with_sinks, acts, normal)["fvu"], evaluate_sae(without, acts, normal)["fvu"]
+    print(f"\n[massive] planted-feature cos {cos_all:.3f} -> {cos_kept:.3f}; FVU on normal tokens {fvu_all:.3f} -> {fvu_kept:.3f}")
+    assert cos_kept > cos_all + 0.05 and fvu_kept < fvu_all
+
+
+def test_lm_loss_keeps_massive_positions_clean():
+    backend = TinyGPT2Backend()
+    batches = [backend.tokenize(["the cat sat on the mat", "sparse autoencoders find features"], 24)]
+    zero = FnSAE(lambda h: h, lambda c: torch.zeros_like(c))
+    spliced = lm_loss_recovered(backend, zero, 0, batches)
+    untouched = lm_loss_recovered(backend, zero, 0, batches, max_norm=1e-6)  # every position counts as massive
+    assert spliced["loss_sae"] != pytest.approx(spliced["loss_clean"], abs=1e-3)
+    assert untouched["loss_sae"] == pytest.approx(untouched["loss_clean"], abs=1e-6)
+    assert untouched["loss_zero"] == pytest.approx(untouched["loss_clean"], abs=1e-6)

@@ -82,6 +82,9 @@ class SAEConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     lm_eval_passages: int = 32
     """Held-out passages on which the LM loss with the SAE spliced in is measured (evaluation only)."""
+    max_norm_ratio: float = 10.0
+    """Tokens with residual norm above this multiple of the median (massive activations, attention sinks)
+    are left out of SAE training and evaluation; 0 keeps every token."""
 
 
 @dataclass
@@ -204,6 +207,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lr": (lambda v: v > 0, "a number > 0"),
     "train_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "lm_eval_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "max_norm_ratio": (lambda v: v == 0 or v > 1, "0 (off) or a number > 1"),
     "ridge_alpha": (lambda v: v >= 0, "a number >= 0"),
     "svcca_variance": (lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "n_bootstrap": (lambda v: v >= 0, "an integer >= 0"),

@@ -351,6 +351,31 @@ def _read_log(path: Path) -> list[dict]:
     return out
 
 
+# --- massive activations -----------------------------------------------------------------------
+
+
+def massive_activation_threshold(acts: Rows, rows: np.ndarray, ratio: float, sample: int = SCALE_SAMPLE_ROWS) -> float | None:
+    """Residual norm above which a token counts as a massive activation; None when `ratio` is 0.
+
+    A few tokens (the first token, some delimiters: attention sinks) carry residual norms 100x the
+    median (Sun et al. 2024, "Massive activations in LLMs"; SmolLM2-135M from block ~11 on). Left in,
+    they dominate an SAE's loss and starve most latents (most die), so they are left out of SAE
+    training and evaluation, like BOS tokens are elsewhere.
+    """
+    if ratio <= 0 or len(rows) == 0:
+        return None
+    pick = np.sort(np.random.default_rng(0).choice(rows, size=min(sample, len(rows)), replace=False))
+    return float(ratio * np.median(np.linalg.norm(acts.take(pick), axis=1)))
+
+
+def drop_massive(acts: Rows, rows: np.ndarray, max_norm: float | None, block: int = 65536) -> np.ndarray:
+    """`rows` without the tokens whose residual norm exceeds `max_norm`."""
+    if max_norm is None:
+        return rows
+    keep = [np.linalg.norm(acts.take(rows[s : s + block]), axis=1) <= max_norm for s in range(0, len(rows), block)]
+    return rows[np.concatenate(keep)] if keep else rows
+
+
 # --- evaluation ---------------------------------------------------------------------------------
 
 
@@ -410,13 +435,15 @@ def _next_token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
 
 @torch.no_grad()
 def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch],
-                      clean_loss: float | None = None) -> dict[str, float]:
+                      clean_loss: float | None = None, max_norm: float | None = None) -> dict[str, float]:
     """Next-token loss with the SAE reconstruction spliced in after block `layer`, vs clean and ablations.
 
     Only content positions are replaced (BOS and padding keep their clean residual: the SAE never
     saw them in training). frac_recovered_X = (L_X - L_sae) / (L_X - L_clean) for X in {zero, mean}.
     `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]` tensors. `clean_loss`,
     if given, is the clean loss on these same batches (it does not depend on the layer: pass it on).
+    Positions whose clean residual norm exceeds `max_norm` (massive activations the SAE was not
+    trained on, see `massive_activation_threshold`) keep their clean residual in every condition.
     """
     batches = list(batches)
     if hasattr(sae, "eval"):
@@ -434,7 +461,13 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
     mean = (total / count).float()
 
     def masked(fn, mask):
-        return lambda h: torch.where(mask.to(h.device)[..., None], fn(h).to(h.dtype), h)
+        def edit(h):
+            m = mask.to(h.device)
+            if max_norm is not None:
+                m = m & (h.norm(dim=-1) <= max_norm)
+            return torch.where(m[..., None], fn(h).to(h.dtype), h)
+
+        return edit
 
     kinds = {
         **({"clean": None} if clean_loss is None else {}),
@@ -465,7 +498,7 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
 
 # --- stage entry point --------------------------------------------------------------------------
 
-CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac",
+CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "excluded_frac",
                "loss_clean", "loss_sae", "loss_zero", "loss_mean", "frac_recovered_zero", "frac_recovered_mean",
                "train_tokens", "wall_s"]
 
@@ -511,6 +544,8 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
                 raise ValueError(f"activation cache {cfg.cache_dir}: manifest says model {key} "
                                  f"({cfg.model(key).name}) has d_model={d_model}, but {hook_name(layer)} has "
                                  f"{acts.shape[1]} columns; re-extract the cache")
+            max_norm = massive_activation_threshold(acts, train_rows, cfg.sae.max_norm_ratio)
+            layer_train, layer_held = drop_massive(acts, train_rows, max_norm), drop_massive(acts, held_rows, max_norm)
             for seed in seeds:
                 out_dir = cfg.sae_dir(key, layer, seed)
                 fp = _fingerprint(cfg, cache, key, layer, seed)
@@ -518,19 +553,20 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
                 metrics = _reusable_metrics(out_dir, fp)
                 if metrics is None:
                     meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
-                            "context_size": cfg.model(key).max_ctx, "fingerprint": fp}
+                            "context_size": cfg.model(key).max_ctx, "fingerprint": fp, "max_norm": max_norm}
                     if backends is not None:
                         meta["prepend_bos"] = bool(backends[key].has_bos)
-                    sae = train_sae(acts, train_rows, cfg.sae, seed, out_dir, resume, progress, metadata=meta)
-                    metrics = evaluate_sae(sae, acts, held_rows)
+                    sae = train_sae(acts, layer_train, cfg.sae, seed, out_dir, resume, progress, metadata=meta)
+                    metrics = evaluate_sae(sae, acts, layer_held)
                     metrics["train_wall_s"] = time.perf_counter() - t0
+                    metrics["excluded_frac"] = 1.0 - len(layer_train) / len(train_rows)
                     atomic_write_json(out_dir / METRICS_FILE, metrics)
                 if backends is not None and metrics.get("lm_eval_passages") != cfg.sae.lm_eval_passages:
                     sae = load_sae(out_dir)
                     if key not in lm_batches:
                         lm_batches[key] = _lm_batches(cfg, key, backends[key], lm_texts)
                     batches = lm_batches[key]
-                    metrics.update(lm_loss_recovered(backends[key], sae, layer, batches, clean_loss.get(key)))
+                    metrics.update(lm_loss_recovered(backends[key], sae, layer, batches, clean_loss.get(key), max_norm))
                     metrics["lm_eval_passages"] = cfg.sae.lm_eval_passages
                     clean_loss[key] = metrics["loss_clean"]
                     atomic_write_json(out_dir / METRICS_FILE, metrics)
