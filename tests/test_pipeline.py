@@ -29,6 +29,8 @@ def tiny_run_config(tiny_models, tmp_path, **align):
                 "dead_tokens_threshold": 2000, "aux_k": 8},
         "align": {"n_bootstrap": 4, "n_null": 4, "n_match_null": 99, "n_match_bootstrap": 2, "metric_max_tokens": 400,
                   "retrieval_candidates": 50, "retrieval_queries": 200, **align},
+        "transfer": {"n_features": 2, "alphas": [4.0], "n_random_controls": 8, "n_passages": 8, "passage_chars": 200,
+                     "n_patch_features": 2, "n_patch_controls": 4},
     })
 
 
@@ -42,7 +44,7 @@ def finished_run(tiny_models, tmp_path_factory):
 
 def test_first_run_runs_every_stage_and_writes_the_report(finished_run):
     cfg, status = finished_run
-    assert set(status.values()) == {"ran"} and list(status) == ["extract", "train", "align", "report"]
+    assert set(status.values()) == {"ran"} and list(status) == ["extract", "train", "align", "transfer", "report"]
     html = (cfg.report_dir / "index.html").read_text()
     assert "<script src=" not in html and "http://" not in html.replace("http://www.w3.org", "")  # self-contained
     for section in ('id="summary"', 'id="layers"', 'class="heatmap"', 'id="saes"', 'id="browser"', "data:image/png;base64,"):
@@ -60,7 +62,7 @@ def test_rerun_skips_everything_without_loading_a_model(finished_run, capsys):
     status = run_all(cfg, progress=False)
     out = capsys.readouterr().out
     assert set(status.values()) == {"skipped"}, out
-    assert "loaded" not in out and out.count("up to date, skipped") == 4
+    assert "loaded" not in out and out.count("up to date, skipped") == 5
 
 
 def test_config_change_reruns_exactly_the_stages_it_reaches(finished_run, tiny_models, capsys):
@@ -69,7 +71,7 @@ def test_config_change_reruns_exactly_the_stages_it_reaches(finished_run, tiny_m
     capsys.readouterr()
     status = run_all(changed, progress=False)
     out = capsys.readouterr().out
-    assert status == {"extract": "skipped", "train": "skipped", "align": "ran", "report": "ran"}
+    assert status == {"extract": "skipped", "train": "skipped", "align": "ran", "transfer": "ran", "report": "ran"}
     assert "config changed (align.n_null: 4 -> 5)" in out
     # A deleted output reruns the stage that owns it (and what reads it), nothing upstream.
     (cfg.report_dir / "layer_cka.csv").unlink()
@@ -175,7 +177,7 @@ def test_full_disk_fails_clearly_and_keeps_earlier_outputs(finished_run, monkeyp
     from crossdict.config import load_config
 
     status = run_all(load_config(cfg_path), progress=False)  # space is back: only the report runs
-    assert status == {"extract": "skipped", "train": "skipped", "align": "skipped", "report": "ran"}
+    assert status == {"extract": "skipped", "train": "skipped", "align": "skipped", "transfer": "skipped", "report": "ran"}
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(tiny_models, tmp_path, monkeypatch, capsys):
@@ -208,3 +210,61 @@ def test_interrupted_training_resumes_from_its_checkpoint(tiny_models, tmp_path,
     log = [line for line in (first / train.LOG_FILE).read_text().splitlines() if line]
     assert len(log) == len({json.loads(r)["step"] for r in log}) and json.loads(log[-1])["step"] == 29  # ... and finished once
     assert not (first / train.CKPT_FILE).exists()
+
+
+def test_transfer_stage_writes_injection_stitching_and_patching(finished_run):
+    cfg, _ = finished_run
+    rows = list(csv.DictReader((cfg.report_dir / "transfer.csv").open()))
+    assert {r["direction"] for r in rows} == {"a_self", "b_matched", "b_mapped", "b_unmatched"}
+    assert len(rows) == len(cfg.layer_pairs) * 2 * 4  # 2 features x 1 alpha x 4 kinds per layer pair
+    b = [r for r in rows if r["direction"] != "a_self"]
+    assert all(-1 <= float(r["agreement"]) <= 1 and 1 / 9 <= float(r["p_value"]) <= 1 for r in b)
+    assert all(float(r["q_value"]) >= float(r["p_value"]) for r in b)
+    stitch = list(csv.DictReader((cfg.report_dir / "stitching.csv").open()))
+    maps = {r["map"] for r in stitch if r["control"] == "none"}
+    assert {"procrustes", "ridge", "procrustes_z", "ridge_z"} <= maps
+    for r in stitch:
+        if r["control"] == "clean":
+            assert float(r["frac_recovered"]) == 1.0
+        if r["control"] == "mean":
+            assert float(r["frac_recovered"]) == 0.0
+    patch = list(csv.DictReader((cfg.report_dir / "feature_patching.csv").open()))
+    assert len(patch) == 2 * len(cfg.layer_pairs) and all(float(r["kl_patch"]) >= 0 for r in patch)
+    ex = json.loads((cfg.report_dir / "transfer_examples.json").read_text())["examples"]
+    assert all(len(e["promoted_a"]) == 20 and len(e["promoted_b"]) == 20 for e in ex)
+
+
+def _transfer_cli(cfg, *args):
+    from crossdict.cli import main
+
+    return main(["transfer", "--config", str(cfg.run_dir / "config.yaml"), "--no-progress", *args])
+
+
+def test_transfer_bad_requests_fail_clearly_and_write_nothing(finished_run, capsys):
+    cfg, _ = finished_run
+    before = {p.name: p.read_bytes() for p in cfg.report_dir.iterdir() if p.is_file()}
+    la = cfg.model_a.layers[0]
+    d_sae = 32 * cfg.sae.expansion_factor
+    assert _transfer_cli(cfg, "--layer", str(la), "--feature_idx", str(d_sae)) == 1
+    assert f"--feature_idx {d_sae} is out of range: A's SAE at layer {la} has {d_sae} features" in capsys.readouterr().err
+    matched = {int(r["feat_a"]) for r in csv.DictReader((cfg.report_dir / "feature_matches.csv").open())
+               if r["layer_a"] == str(la) and float(r["q_value"]) < cfg.align.q_threshold}
+    lonely = next(f for f in range(d_sae) if f not in matched)
+    assert _transfer_cli(cfg, "--layer", str(la), "--feature_idx", str(lonely)) == 1
+    err = capsys.readouterr().err
+    assert f"feature {lonely} of A (layer {la}) has no significant match" in err and "Nearest B features" in err
+    assert _transfer_cli(cfg, "--layer", str(la), "--feature_idx", "1", "--alpha", "nan") == 1
+    assert "alpha must be a finite number" in capsys.readouterr().err
+    assert _transfer_cli(cfg, "--layer", "2") == 1
+    assert "layer 2 of model A is not configured" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in cfg.report_dir.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_transfer_one_feature_writes_its_own_file(finished_run):
+    cfg, _ = finished_run
+    m = next(r for r in csv.DictReader((cfg.report_dir / "transfer.csv").open()) if r["direction"] == "b_mapped")
+    assert _transfer_cli(cfg, "--layer", m["layer_a"], "--feature_idx", m["feat_a"], "--alpha", "4") == 0
+    rows = list(csv.DictReader((cfg.report_dir / f"transfer_L{m['layer_a']}_F{m['feat_a']}.csv").open()))
+    mapped = next(r for r in rows if r["direction"] == "b_mapped")
+    assert float(mapped["agreement"]) == pytest.approx(float(m["agreement"]), abs=1e-4)  # same seed, same numbers

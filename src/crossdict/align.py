@@ -83,6 +83,18 @@ class LinearMap:
         return cls(method, t["weight"], t["bias"], t.get("rotation"), meta)
 
 
+def unstandardize(zmap: LinearMap, mean_a: np.ndarray, sd_a: np.ndarray, mean_b: np.ndarray, sd_b: np.ndarray) -> LinearMap:
+    """A map fitted between z-scored spaces, as the equivalent raw-space affine map (method `<name>_z`).
+
+    y_raw = ((x - μ_a) / σ_a · W + b) · σ_b + μ_b, so W_raw = diag(1/σ_a) W diag(σ_b) and the bias
+    absorbs the means. Directions map through `weight` like any other map's.
+    """
+    weight = (zmap.weight / sd_a[:, None]) * sd_b[None, :]
+    bias = (zmap.bias - (mean_a / sd_a) @ zmap.weight) * sd_b + mean_b
+    meta = {**zmap.meta, "fitted_on": "z-scored train anchors"}
+    return LinearMap(f"{zmap.method}_z", weight.astype(np.float32), bias.astype(np.float32), None, meta)
+
+
 def map_dir(run_dir: str | Path, layer_a: int, layer_b: int) -> Path:
     return Path(run_dir) / "alignment" / f"{layer_a}_{layer_b}"
 

@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .cache import ActivationCache
 from .config import RunConfig
@@ -42,17 +41,6 @@ def top_matches(path: Path, per_pair: int, q_threshold: float) -> list[dict]:
     for rows in by_pair.values():
         rows.sort(key=lambda r: -float(r["act_corr"]))
         out += rows[:per_pair]
-    return out
-
-
-def _feature_acts(sae, acts, rows: np.ndarray, feats: np.ndarray, block: int = 4096) -> np.ndarray:
-    """`[len(rows), len(feats)]` activations of the chosen latents on the chosen cache rows."""
-    cols = torch.as_tensor(feats, dtype=torch.long)
-    out = np.zeros((len(rows), len(feats)), np.float32)
-    with torch.no_grad():
-        for s in range(0, len(rows), block):
-            codes = sae.encode(torch.from_numpy(acts.take(rows[s : s + block])))
-            out[s : s + block] = codes[:, cols].numpy()
     return out
 
 
@@ -96,7 +84,7 @@ def _contexts(lead_tokens: np.ndarray, lead_vals: np.ndarray, tokens: dict[str, 
 
 def browser_data(cfg: RunConfig, per_pair: int = 60) -> list[dict]:
     """One entry per shown feature pair: match statistics, both histograms, top contexts led by A and by B."""
-    from .sae import load_sae
+    from .sae import feature_activations, load_sae
 
     matches = top_matches(cfg.report_dir / "feature_matches.csv", per_pair, cfg.align.q_threshold)
     if not matches:
@@ -112,7 +100,7 @@ def browser_data(cfg: RunConfig, per_pair: int = 60) -> list[dict]:
         acts = {}
         for k, layer in (("a", la), ("b", lb)):
             sae = load_sae(cfg.sae_dir(k, layer))
-            acts[k] = _feature_acts(sae, cache.acts(k, layer), rows[k], feats[k])
+            acts[k] = feature_activations(sae, cache.acts(k, layer), rows[k], feats[k])
         for j, m in enumerate(ms):
             vals = {k: acts[k][:, j] for k in ("a", "b")}
             out.append({

@@ -3,6 +3,7 @@
     crossdict extract   --config configs/embedded.yaml     text -> activations (+ anchor pairs)
     crossdict train     --config ... [--seeds 0 1]         activations -> SAEs
     crossdict align     --config ... [--layers 8 15]       SAEs + activations -> maps, matches, metrics
+    crossdict transfer  --config ... [--layer 8 --feature_idx 12 --alpha 5]   steer B with A's features, stitch
     crossdict report    --config ...                       run files -> report/index.html
     crossdict run       --config ...                       all stages, skipping finished ones
 """
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="layers of model A (default: all configured)")
     p.add_argument("--layers-b", type=int, nargs="+", help="paired layers of model B (default: from the config)")
 
+    p = sub.add_parser("transfer", help="inject matched features into B, stitch A's states into B, patch features")
+    _common(p)
+    p.add_argument("--layer", type=int, help="layer of model A (default: every configured pair); B's layer from the config")
+    p.add_argument("--feature_idx", "--feature-idx", type=int, help="one feature of A's SAE (default: the top matched ones)")
+    p.add_argument("--alpha", type=float, nargs="+", help="injection strengths in units of the feature's typical activation")
+
     p = sub.add_parser("report", help="write the self-contained HTML report from the run's files")
     _common(p)
 
@@ -92,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             from .align import run_align
 
             run_align(cfg, layers_a=args.layers, layers_b=args.layers_b)
+        elif args.command == "transfer":
+            from .interventions import run_transfer
+
+            if args.feature_idx is not None and args.layer is None:
+                raise ValueError("--feature_idx needs --layer (the layer of model A whose SAE it indexes)")
+            run_transfer(cfg, layer_a=args.layer, feature_idx=args.feature_idx, alphas=args.alpha, progress=progress)
         elif args.command == "report":
             from .report import write_report
 

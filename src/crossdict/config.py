@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -129,10 +130,27 @@ class AlignConfig:
 
 @dataclass
 class TransferConfig:
+    enabled: bool = True
+    """Run the transfer stage in `crossdict run` (injection, stitching, feature patching)."""
     n_features: int = 8
-    alphas: list[float] = field(default_factory=lambda: [0.0, 2.0, 5.0, 10.0])
+    """Top matched pairs (by activation correlation, q < align.q_threshold) injected per layer pair."""
+    alphas: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0])
+    """Injection strengths in units of the feature's typical activation (0 is skipped: the identity)."""
     n_random_controls: int = 32
+    """Random directions of the same norm per feature and alpha (the null for agreement)."""
     n_passages: int = 32
+    """Held-out passages the interventions run on."""
+    passage_chars: int = 400
+    """Each passage is cut to this many characters (at whitespace); both models read the same text."""
+    batch_size: int = 8
+    top_strings: int = 20
+    """Promoted strings compared across models (top-k overlap) and shown in the report."""
+    direction_map: Literal["procrustes", "procrustes_z", "ridge", "ridge_z"] = "procrustes"
+    """Fitted map whose linear part carries A's decoder direction into B (`b_mapped`)."""
+    n_patch_features: int = 8
+    """Matched pairs tested by feature-level patching per layer pair."""
+    n_patch_controls: int = 16
+    """Random live B features patched the same way, per pair."""
 
 
 @dataclass
@@ -222,6 +240,12 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "retrieval_candidates": (lambda v: v >= 2, "an integer >= 2"),
     "q_threshold": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "n_random_controls": (lambda v: v >= 1, "an integer >= 1"),
+    "alphas": (lambda v: len(v) >= 1 and all(math.isfinite(a) for a in v), "a non-empty list of finite numbers"),
+    "n_features": (lambda v: v >= 1, "an integer >= 1"),
+    "n_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "top_strings": (lambda v: v >= 1, "an integer >= 1"),
+    "n_patch_features": (lambda v: v >= 0, "an integer >= 0"),
+    "n_patch_controls": (lambda v: v >= 1, "an integer >= 1"),
     "layers": (lambda v: len(v) >= 1 and all(x >= 0 for x in v), "a non-empty list of layer indices >= 0"),
 }
 

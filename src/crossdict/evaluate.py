@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .align import fit_maps, map_dir, procrustes_rotation, r2_with_ci, retrieval_accuracy
+from .align import fit_maps, map_dir, unstandardize, procrustes_rotation, r2_with_ci, retrieval_accuracy
 from .cache import ActivationCache
 from .config import AlignConfig, RunConfig
 from .matching import MATCH_COLUMNS, Matches, encode_sparse, match_features
@@ -202,13 +202,15 @@ def zscore(tr: Paired, ho: Paired) -> tuple[Paired, Paired]:
     space gives every dimension equal weight.
     """
 
-    def stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, sd = X.mean(0, dtype=np.float64), X.std(0, dtype=np.float64)
-        return mu.astype(np.float32), np.where(sd > 0, sd, 1.0).astype(np.float32)
-
-    (ma, sa), (mb, sb) = stats(tr.xa), stats(tr.xb)
+    (ma, sa), (mb, sb) = zscore_stats(tr.xa), zscore_stats(tr.xb)
     z = lambda p: Paired((p.xa - ma) / sa, (p.xb - mb) / sb, p.pid)  # noqa: E731
     return z(tr), z(ho)
+
+
+def zscore_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and sd `[d]` (sd 1 where constant), float32."""
+    mu, sd = X.mean(0, dtype=np.float64), X.std(0, dtype=np.float64)
+    return mu.astype(np.float32), np.where(sd > 0, sd, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +374,11 @@ def _align_pair(
         ztr, zho = zscore(tr, ho)
         zmaps = fit_maps(ztr.xa, ztr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
         rep.alignment += _score_maps(zmaps, tr.n, zho, acfg, rng, la, lb, suffix=":z")
+        za, zb = zscore_stats(tr.xa), zscore_stats(tr.xb)
+        for mp in zmaps.values():  # saved as raw-space affine maps, so transfer can apply them like the others
+            raw = unstandardize(mp, *za, *zb)
+            raw.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name)
+            raw.save(map_dir(cfg.run_dir, la, lb))
         rep.metrics += _rows(la, lb, "resid_z", resid_metrics(ztr, zho, acfg, rng))
 
     if rcache is not None:  # floor: trained A against randomly initialised B on the same anchors

@@ -1,4 +1,4 @@
-"""`crossdict run`: extract -> train -> align -> report, each stage skipped when its outputs are current.
+"""`crossdict run`: extract -> train -> align -> transfer -> report, each stage skipped when its outputs are current.
 
 A stage is current when the record it left in `runs/<name>/stages/<stage>.json` names the same
 inputs (its config sections plus a digest of every upstream stage's output files) and its own
@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -110,6 +111,20 @@ def _run_align(ctx: Context) -> None:
     run_align(ctx.cfg)
 
 
+TRANSFER_FILES = ("transfer.csv", "transfer_examples.json", "stitching.csv", "feature_patching.csv")
+
+
+def _transfer_outputs(cfg: RunConfig) -> list[Path]:
+    return [cfg.report_dir / f for f in TRANSFER_FILES] if cfg.transfer.enabled else []
+
+
+def _run_transfer(ctx: Context) -> None:
+    if ctx.cfg.transfer.enabled:
+        from .interventions import run_transfer
+
+        run_transfer(ctx.cfg, backends=ctx.backends(), progress=ctx.progress)
+
+
 def _run_report(ctx: Context) -> None:
     from .report import write_report
 
@@ -128,8 +143,10 @@ def stages(cfg: RunConfig) -> list[Stage]:
               ("extract",), _train_outputs, _run_train),
         Stage("align", lambda c: {"align": asdict(c.align), "seed": c.seed, "layer_pairs": c.layer_pairs},
               ("extract", "train"), lambda c: [c.report_dir / f for f in ALIGN_FILES], _run_align),
+        Stage("transfer", lambda c: {"transfer": asdict(c.transfer), "seed": c.seed, "q": c.align.q_threshold},
+              ("extract", "train", "align"), _transfer_outputs, _run_transfer),
         Stage("report", lambda c: {"report_version": REPORT_VERSION, "run_name": c.run_name},
-              ("extract", "train", "align"), lambda c: [c.report_dir / "index.html"], _run_report),
+              ("extract", "train", "align", "transfer"), lambda c: [c.report_dir / "index.html"], _run_report),
     ]
 
 
@@ -248,6 +265,22 @@ def _summary(cfg: RunConfig) -> None:
             sig = [r for r in rows if r["layer_a"] == str(la) and r["layer_b"] == str(lb) and r["method"] == "hungarian"
                    and _is_num(r["q_value"]) and float(r["q_value"]) < cfg.align.q_threshold]
             print(f"matches A{la}<->B{lb}: {len(sig)} one-to-one (Hungarian) feature pairs with q < {cfg.align.q_threshold}")
+    transfer_csv = report / "transfer.csv"
+    if transfer_csv.is_file():
+        from .interventions import transfer_summary
+
+        rows = [{**r, "alpha": float(r["alpha"]), "q_value": float(r["q_value"]) if _is_num(r["q_value"]) else 1.0,
+                 "agreement": float(r["agreement"]) if _is_num(r["agreement"]) else math.nan}
+                for r in csv.DictReader(transfer_csv.open())]
+        if rows:
+            for line in transfer_summary(rows, max(r["alpha"] for r in rows), cfg.align.q_threshold)["lines"]:
+                print(f"transfer {line}")
+    stitch_csv = report / "stitching.csv"
+    if stitch_csv.is_file():
+        for r in csv.DictReader(stitch_csv.open()):
+            if r["control"] == "none":
+                print(f"stitching A{r['layer_a']}->B{r['layer_b']} {r['map']:<13} loss recovered {float(r['frac_recovered']):.3f} "
+                      f"(mean-ablation 0, clean 1)")
     html = report / "index.html"
     print(f"report: {html.resolve() if html.is_file() else report}")
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -491,3 +492,18 @@ def is_complete(path: str | Path) -> bool:
     """All three files of a saved SAE exist (crossdict.json is written last)."""
     path = Path(path)
     return all((path / f).is_file() for f in (CFG_FILE, WEIGHTS_FILE, EXTRA_FILE))
+
+
+@torch.no_grad()
+def feature_activations(sae: Any, acts: Any, rows: Any, feats: Any, block: int = 4096) -> Any:
+    """`[len(rows), len(feats)]` activations of latents `feats` on cache rows `rows` (numpy, float32).
+
+    `acts` is anything with `.take(rows) -> [n, d_in]` (a `cache.ShardedArray`); encoding goes in
+    blocks so a 16k-latent SAE never holds more than `block` dense code rows.
+    """
+    cols = torch.as_tensor(np.asarray(feats), dtype=torch.long)
+    out = np.zeros((len(rows), len(cols)), np.float32)
+    for s in range(0, len(rows), block):
+        codes = sae.encode(torch.from_numpy(np.asarray(acts.take(rows[s : s + block]), np.float32)))
+        out[s : s + block] = codes[:, cols].numpy()
+    return out

@@ -1,0 +1,692 @@
+"""Stage 5, causal transfer: does a feature found in model A steer model B the way it steers A?
+
+Everything goes through the backends' edit hook (`Backend.logits(batch, edits)`) on held-out
+passages (cut to `transfer.passage_chars` characters at whitespace, so both models read the same
+text). Three experiments:
+
+Feature injection. For a matched SAE pair (feat_a of A's SAE at layer_a, feat_b of B's at layer_b)
+add α·v to the residual stream after the layer at every content position, where v is
+
+    a_self       in A: A's decoder row of feat_a (raw space), scaled to s_a·‖d_a‖
+    b_matched    in B: B's decoder row of feat_b
+    b_mapped     in B: A's decoder row sent through the linear part of the Procrustes map
+    b_unmatched  in B: the decoder row of a random B feature not matched to feat_a (control)
+    random       in B: `n_random_controls` Gaussian directions (controls)
+
+s is the feature's typical activation (its mean where it fires), so α = 1 adds the feature at
+its usual strength. Every B direction gets the norm s_b·‖d_b‖ of the matched B feature: kinds
+then differ only in direction, and one set of random controls serves all of them.
+Per run: KL(clean ‖ steered) of next-token distributions (mean over content positions), and the
+mean change of every token's log-probability. Cross-model agreement compares A's change with B's
+over the vocabulary strings both tokenizers share: Spearman rank correlation, and the overlap of
+the top promoted strings. A direction transfers when its agreement beats the random directions:
+p = (1 + #controls ≥ it) / (n + 1), Benjamini–Hochberg over pairs.
+
+Stitching. B's residual at anchor-paired positions is replaced by A's residual mapped through a
+fitted map; the rest of B runs on it. Loss recovered = (L_mean − L_stitched) / (L_mean − L_clean),
+mean ablation (B's train mean at those positions) = 0, clean = 1; zero ablation and a map applied to
+A's residuals from shuffled positions (other passages) are the controls.
+
+Feature patching. At paired positions, B's matched feature's activation is set to A's feature's
+activation (in B's units: times s_b / s_a), keeping the SAE error term, so only that feature moves.
+KL(clean ‖ patched) is compared with the same patch on random live B features (lower = A's
+feature carries B's feature's information) and with ablating the feature.
+
+Outputs: `report/transfer.csv`, `report/transfer_examples.json` (top promoted strings),
+`report/stitching.csv`, `report/feature_patching.csv`, all written at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from .align import LinearMap, map_dir
+from .anchors import anchor_pairs
+from .backend import Backend, Batch, Edit
+from .cache import ActivationCache
+from .config import RunConfig
+from .stats import bh_qvalues
+from .utils import atomic_write_json, atomic_write_text
+
+TRANSFER_COLUMNS = (
+    "layer_a", "layer_b", "feat_a", "feat_b", "act_corr", "match_q", "alpha", "direction", "kl", "kl_control_mean",
+    "agreement", "top_overlap", "control_mean", "control_sd", "control_z", "control_percentile", "p_value", "q_value",
+    "top_a", "top_b",
+)  # fmt: skip
+STITCH_COLUMNS = ("layer_a", "layer_b", "map", "control", "loss", "frac_recovered", "frac_recovered_zero", "n_tokens", "n_patched")
+PATCH_COLUMNS = (
+    "layer_a", "layer_b", "feat_a", "feat_b", "kl_patch", "kl_ablate", "kl_random_mean", "random_percentile", "p_value",
+    "q_value", "n_patched",
+)  # fmt: skip
+STITCH_MAPS = ("procrustes", "ridge", "procrustes_z", "ridge_z")
+
+
+class TransferError(ValueError):
+    """A transfer request cannot be served: unknown feature, no significant match, missing SAE or map."""
+
+
+# --- vocabulary strings shared by two tokenizers --------------------------------------------------
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    return "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
+
+
+def vocab_strings(tokenizer, vocab_size: int | None = None) -> list[str | None]:
+    """The text each token id stands for, leading space kept; None for special, partial-UTF-8 or absent ids.
+
+    `tokenizer.decode([id])` is no use here: SentencePiece decoders drop a leading space, so " the"
+    and "the" would collide. We undo the vocabulary's own encoding instead: GPT-2's byte-to-unicode
+    table for byte-level BPE, '▁' -> ' ' and `<0xNN>` byte fallback for SentencePiece vocabularies.
+    """
+    n = len(tokenizer) if vocab_size is None else vocab_size
+    tokens = tokenizer.convert_ids_to_tokens(list(range(min(n, len(tokenizer)))))
+    special = set(tokenizer.all_special_ids)
+    out: list[str | None] = [None] * n
+    if _is_byte_level(tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        for i, t in enumerate(tokens):
+            if t is None or i in special:
+                continue
+            try:
+                out[i] = bytes(byte_of[c] for c in t).decode("utf-8")
+            except (KeyError, UnicodeDecodeError):
+                pass
+        return out
+    for i, t in enumerate(tokens):
+        if t is None or i in special:
+            continue
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", t)
+        if m:
+            b = int(m.group(1), 16)
+            out[i] = chr(b) if b < 128 else None
+        elif not (t.startswith("<") and t.endswith(">") and len(t) > 2):
+            out[i] = t.replace("▁", " ")
+    return out
+
+
+@dataclass
+class SharedVocab:
+    """Token ids of the strings both vocabularies hold: `ids_a[i]` and `ids_b[i]` spell `strings[i]`."""
+
+    ids_a: np.ndarray
+    ids_b: np.ndarray
+    strings: list[str]
+
+
+def shared_vocab(strings_a: list[str | None], strings_b: list[str | None]) -> SharedVocab:
+    first_b: dict[str, int] = {}
+    for j, s in enumerate(strings_b):
+        if s and s not in first_b:
+            first_b[s] = j
+    ids_a, ids_b, strings, seen = [], [], [], set()
+    for i, s in enumerate(strings_a):
+        if s and s in first_b and s not in seen:
+            seen.add(s)
+            ids_a.append(i)
+            ids_b.append(first_b[s])
+            strings.append(s)
+    if len(strings) < 100:
+        raise TransferError(f"the two tokenizers share only {len(strings)} vocabulary strings; need >= 100 to compare "
+                            "promoted tokens across models")
+    return SharedVocab(np.array(ids_a), np.array(ids_b), strings)
+
+
+# --- next-token effects -----------------------------------------------------------------------------
+
+
+def add_at(vector: torch.Tensor, positions: torch.Tensor) -> Edit:
+    """Edit adding `vector` `[d_model]` to the residual at `positions` `[batch, seq]` (bool)."""
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        m = positions.to(h.device)[..., None].to(h.dtype)
+        return h + m * vector.to(h.device, h.dtype)
+
+    return edit
+
+
+@dataclass
+class CleanRun:
+    """One model's clean pass over the transfer batches: the reference for every intervention."""
+
+    batches: list[Batch]
+    logp: list[torch.Tensor]
+    """Per batch, log-probs `[n_measured, vocab]` at the measured (content) positions."""
+
+    @property
+    def n_positions(self) -> int:
+        return sum(int(x.shape[0]) for x in self.logp)
+
+
+def clean_run(backend: Backend, batches: list[Batch]) -> CleanRun:
+    return CleanRun(batches, [F.log_softmax(backend.logits(b), -1)[b.is_content] for b in batches])
+
+
+@dataclass
+class Effect:
+    kl: float
+    """Mean over measured positions of KL(clean ‖ edited) of the next-token distribution."""
+    dlogp: np.ndarray
+    """`[vocab]` mean change of each token's log-probability."""
+    nll: float
+    """Mean next-token NLL of the edited model over content positions that have a next content token."""
+
+
+def _next_nll(logp: torch.Tensor, batch: Batch) -> tuple[float, int]:
+    """Summed NLL over content positions with a next content token; `logp` `[b, seq, vocab]`."""
+    valid = batch.is_content[:, :-1] & batch.is_content[:, 1:]
+    target = batch.input_ids[:, 1:].to(logp.device)
+    nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0]
+    return float(nll[valid.to(logp.device)].sum()), int(valid.sum())
+
+
+def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]]) -> Effect:
+    """Run every batch with `edits_for(batch_index, batch)` and compare with the clean pass."""
+    kl_sum, n, nll_sum, n_nll, dsum = 0.0, 0, 0.0, 0, None
+    for i, (b, logp0) in enumerate(zip(clean.batches, clean.logp)):
+        full = F.log_softmax(backend.logits(b, edits_for(i, b)), -1)
+        s, c = _next_nll(full, b)
+        nll_sum, n_nll = nll_sum + s, n_nll + c
+        logp = full[b.is_content]
+        del full
+        kl_sum += float((logp0.exp() * (logp0 - logp)).sum())
+        d = (logp - logp0).sum(0, dtype=torch.float64)
+        dsum = d if dsum is None else dsum + d
+        n += logp.shape[0]
+    return Effect(kl_sum / n, (dsum / n).float().cpu().numpy(), nll_sum / max(n_nll, 1))
+
+
+def clean_nll(clean: CleanRun) -> float:
+    s, c = 0.0, 0
+    for b, logp0 in zip(clean.batches, clean.logp):
+        full = torch.full((*b.input_ids.shape, logp0.shape[-1]), 0.0)
+        full[b.is_content] = logp0
+        x, y = _next_nll(full, b)
+        s, c = s + x, c + y
+    return s / max(c, 1)
+
+
+def inject(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor) -> Effect:
+    """Add `vector` `[d_model]` after block `layer` at every content position."""
+    return edited_effect(backend, clean, lambda i, b: {layer: add_at(vector, b.is_content)})
+
+
+def agreement(dlogp_a: np.ndarray, dlogp_b: np.ndarray, vocab: SharedVocab, top: int = 20) -> tuple[float, float]:
+    """(Spearman ρ, top-`top` overlap) of two models' log-prob changes over the shared strings."""
+    xa, xb = dlogp_a[vocab.ids_a], dlogp_b[vocab.ids_b]
+    if np.ptp(xa) == 0 or np.ptp(xb) == 0:
+        return math.nan, math.nan
+    rho = float(spearmanr(xa, xb).statistic)
+    ta, tb = set(np.argsort(-xa)[:top].tolist()), set(np.argsort(-xb)[:top].tolist())
+    return rho, len(ta & tb) / top
+
+
+def promoted(dlogp: np.ndarray, strings: list[str | None], top: int = 20) -> list[str]:
+    """The `top` strings whose log-probability rises most."""
+    out = []
+    for i in np.argsort(-dlogp):
+        if i < len(strings) and strings[i] and strings[i].strip():
+            out.append(strings[i])
+            if len(out) == top:
+                break
+    return out
+
+
+def control_stats(value: float, controls: np.ndarray) -> dict[str, float]:
+    """Where `value` falls among control values: z-score, percentile, one-sided permutation p."""
+    c = controls[np.isfinite(controls)]
+    if not math.isfinite(value) or len(c) == 0:
+        return {"control_mean": math.nan, "control_sd": math.nan, "control_z": math.nan, "control_percentile": math.nan,
+                "p_value": math.nan}
+    sd = float(c.std(ddof=1)) if len(c) > 1 else math.nan
+    return {"control_mean": float(c.mean()), "control_sd": sd,
+            "control_z": (value - float(c.mean())) / sd if sd and sd > 0 else math.nan,
+            "control_percentile": float((c < value).mean()),
+            "p_value": (1 + int((c >= value).sum())) / (len(c) + 1)}
+
+
+# --- inputs: passages, SAEs, maps, matches ------------------------------------------------------------
+
+
+def cut_text(text: str, max_chars: int) -> str:
+    """At most `max_chars` characters, cut at whitespace so both tokenizers see whole words."""
+    if len(text) <= max_chars:
+        return text
+    ws = max(text.rfind(" ", 0, max_chars + 1), text.rfind("\n", 0, max_chars + 1))
+    return text[: ws if ws > 0 else max_chars]
+
+
+def heldout_texts(cache: ActivationCache, n: int, max_chars: int) -> list[str]:
+    """The first `n` held-out passages the models read during extraction, cut to `max_chars`."""
+    tok = cache.tokens("a")
+    pids = sorted(set(tok[tok[:, 5] == 1, 0].tolist()))[:n]
+    texts = cache.passage_texts()
+    out = [cut_text(texts[p], max_chars) for p in pids]
+    if not out:
+        raise TransferError(f"the cache {cache.dir} holds no held-out passages to run interventions on")
+    return out
+
+
+def batches_for(backend: Backend, texts: list[str], max_ctx: int, batch_size: int) -> list[Batch]:
+    return [backend.tokenize(texts[i : i + batch_size], max_ctx) for i in range(0, len(texts), batch_size)]
+
+
+def raw_decoder(sae: Any) -> torch.Tensor:
+    """`[d_sae, d_model]` decoder rows in raw activation space (a unit code adds this row)."""
+    return sae.W_dec.detach().float() / float(sae.spec.input_scale)
+
+
+def typical_activation(sae: Any, acts: Any, rows: np.ndarray, max_rows: int = 8192, seed: int = 0) -> np.ndarray:
+    """`[d_sae]` mean activation of each latent where it fires, over up to `max_rows` cache rows (0: never fired)."""
+    from .sae import feature_activations
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(rows, min(len(rows), max_rows), replace=False))
+    total, fired = np.zeros(sae.d_sae), np.zeros(sae.d_sae)
+    for s in range(0, len(rows), 1024):
+        vals = feature_activations(sae, acts, rows[s : s + 1024], np.arange(sae.d_sae))
+        total += vals.sum(0)
+        fired += (vals > 0).sum(0)
+    return np.where(fired > 0, total / np.maximum(fired, 1), 0.0)
+
+
+@dataclass
+class MatchedPair:
+    layer_a: int
+    layer_b: int
+    feat_a: int
+    feat_b: int
+    act_corr: float
+    q_value: float
+
+
+def read_matches(path: Path) -> list[MatchedPair]:
+    if not path.is_file():
+        raise TransferError(f"no feature matches at {path}; run the align stage first (crossdict align)")
+    out = []
+    for r in csv.DictReader(path.open()):
+        if r["method"] != "hungarian":
+            continue
+        try:
+            q, corr = float(r["q_value"]), float(r["act_corr"])
+        except ValueError:
+            continue
+        out.append(MatchedPair(int(r["layer_a"]), int(r["layer_b"]), int(r["feat_a"]), int(r["feat_b"]), corr, q))
+    return out
+
+
+def nearest_candidates(dec_a: torch.Tensor, dec_b: torch.Tensor, rotation: np.ndarray, feat_a: int, n: int = 5) -> list[tuple[int, float]]:
+    """B features whose decoder rows are closest (cosine) to A's row `feat_a` mapped by `rotation`."""
+    v = torch.from_numpy(np.asarray(rotation, np.float32)).T @ dec_a[feat_a]
+    cos = F.normalize(dec_b, dim=1) @ F.normalize(v, dim=0)
+    top = torch.topk(cos, min(n, len(cos)))
+    return [(int(i), round(float(c), 3)) for c, i in zip(top.values, top.indices)]
+
+
+# --- the three experiments ----------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One model at one layer, ready for interventions."""
+
+    backend: Backend
+    layer: int
+    sae: Any
+    clean: CleanRun
+    strings: list[str | None]
+
+
+def injection_rows(pair: MatchedPair, a: Side, b: Side, linear: np.ndarray, s_a: float, s_b: float, alphas: list[float],
+                   vocab: SharedVocab, unmatched_b: int, s_unmatched: float, n_controls: int, top: int,
+                   gen: torch.Generator) -> tuple[list[dict], dict]:
+    """transfer.csv rows for one matched pair (every α × direction kind) and its promoted strings."""
+    dec_a, dec_b = raw_decoder(a.sae), raw_decoder(b.sae)
+    u_a = dec_a[pair.feat_a] * s_a
+    norm_b = float((dec_b[pair.feat_b] * s_b).norm())
+    unit = lambda v: v / v.norm().clamp_min(1e-12)  # noqa: E731
+    directions = {
+        "b_matched": unit(dec_b[pair.feat_b]),
+        "b_mapped": unit(torch.from_numpy(np.asarray(linear, np.float32)).T @ dec_a[pair.feat_a]),
+        "b_unmatched": unit(dec_b[unmatched_b] * max(s_unmatched, 1e-12)),
+    }
+    randoms = [unit(torch.randn(dec_b.shape[1], generator=gen)) for _ in range(n_controls)]
+    rows, example = [], {}
+    for alpha in alphas:
+        eff_a = inject(a.backend, a.clean, a.layer, alpha * u_a)
+        ctrl = [inject(b.backend, b.clean, b.layer, alpha * norm_b * r) for r in randoms]
+        ctrl_agree = np.array([agreement(eff_a.dlogp, e.dlogp, vocab, top)[0] for e in ctrl])
+        ctrl_kl = float(np.mean([e.kl for e in ctrl]))
+        base = {"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
+                "act_corr": pair.act_corr, "match_q": pair.q_value, "alpha": alpha}
+        top_a = promoted(eff_a.dlogp, a.strings, top)
+        rows.append({**base, "direction": "a_self", "kl": eff_a.kl, "top_a": "|".join(top_a[:8])})
+        for kind, u in directions.items():
+            eff = inject(b.backend, b.clean, b.layer, alpha * norm_b * u)
+            rho, overlap = agreement(eff_a.dlogp, eff.dlogp, vocab, top)
+            top_b = promoted(eff.dlogp, b.strings, top)
+            rows.append({**base, "direction": kind, "kl": eff.kl, "kl_control_mean": ctrl_kl, "agreement": rho,
+                         "top_overlap": overlap, **control_stats(rho, ctrl_agree), "top_a": "|".join(top_a[:8]),
+                         "top_b": "|".join(top_b[:8])})
+            if alpha == max(alphas):
+                example[f"promoted_{kind}"] = top_b
+        if alpha == max(alphas):
+            example.update({"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
+                            "alpha": alpha, "promoted_a": top_a, "promoted_b": example.get("promoted_b_mapped", [])})
+    return rows, example
+
+
+def paired_positions(batch_a: Batch, batch_b: Batch) -> list[np.ndarray]:
+    """Per passage, anchor pairs `[n, 2]` (position in A, position in B) of the two tokenizations."""
+    return [anchor_pairs(batch_a.offsets[i].numpy(), batch_b.offsets[i].numpy()) for i in range(len(batch_a.texts))]
+
+
+def _replace_at(values: list[torch.Tensor], pairs: list[np.ndarray]) -> Edit:
+    """Edit writing `values[i]` `[n_i, d_b]` into passage i's B positions `pairs[i][:, 1]`."""
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        h = h.clone()
+        for i, (v, p) in enumerate(zip(values, pairs)):
+            h[i, torch.from_numpy(p[:, 1])] = v.to(h.dtype)
+        return h
+
+    return edit
+
+
+def _keep_normal(pairs: list[np.ndarray], hs_a: torch.Tensor, hs_b: torch.Tensor, max_a: float | None,
+                 max_b: float | None) -> list[np.ndarray]:
+    """Drop pairs where either residual is a massive activation (attention sink) the maps were not made for."""
+    out = []
+    for i, p in enumerate(pairs):
+        keep = np.ones(len(p), bool)
+        if max_a is not None:
+            keep &= (hs_a[i, p[:, 0]].norm(dim=-1) <= max_a).numpy()
+        if max_b is not None:
+            keep &= (hs_b[i, p[:, 1]].norm(dim=-1) <= max_b).numpy()
+        out.append(p[keep])
+    return out
+
+
+@dataclass
+class Pairing:
+    """A's and B's transfer batches aligned: per B batch, per passage, the anchor pairs kept."""
+
+    pairs: list[list[np.ndarray]]
+    hs_a: list[torch.Tensor]
+    """Per batch, A's residual `[b, seq_a, d_a]` at layer_a."""
+    n_patched: int
+
+
+def pair_batches(a: Side, b: Side, max_a: float | None, max_b: float | None) -> Pairing:
+    pairs, hs_a, n = [], [], 0
+    for ba, bb in zip(a.clean.batches, b.clean.batches):
+        ha = a.backend.hidden_states(ba, [a.layer])[a.layer]
+        hb = b.backend.hidden_states(bb, [b.layer])[b.layer]
+        p = _keep_normal(paired_positions(ba, bb), ha, hb, max_a, max_b)
+        pairs.append(p)
+        hs_a.append(ha)
+        n += sum(len(x) for x in p)
+    if n == 0:
+        raise TransferError("no anchor-paired positions in the transfer passages")
+    return Pairing(pairs, hs_a, n)
+
+
+def stitching_rows(a: Side, b: Side, maps: dict[str, LinearMap], pairing: Pairing, mean_b: np.ndarray,
+                   gen: torch.Generator) -> list[dict]:
+    """stitching.csv rows: B's loss with A's mapped residual at paired positions, vs ablations and controls."""
+    base = {"layer_a": a.layer, "layer_b": b.layer, "n_tokens": sum(int(x.shape[0]) for x in b.clean.logp),
+            "n_patched": pairing.n_patched}
+
+    def values_from(fn: Callable[[int, int], torch.Tensor]) -> list[list[torch.Tensor]]:
+        return [[fn(k, i) for i in range(len(pairing.pairs[k]))] for k in range(len(pairing.pairs))]
+
+    def run(values: list[list[torch.Tensor]]) -> float:
+        return edited_effect(b.backend, b.clean, lambda k, bb: {b.layer: _replace_at(values[k], pairing.pairs[k])}).nll
+
+    d_b = b.backend.d_model
+    mean = torch.from_numpy(np.asarray(mean_b, np.float32))
+    loss = {"clean": clean_nll(b.clean),
+            "mean": run(values_from(lambda k, i: mean.expand(len(pairing.pairs[k][i]), d_b))),
+            "zero": run(values_from(lambda k, i: torch.zeros(len(pairing.pairs[k][i]), d_b)))}
+    rows = [{**base, "map": "none", "control": c} for c in ("clean", "mean", "zero")]
+    for name, mp in maps.items():
+        W, bias = torch.from_numpy(mp.weight), torch.from_numpy(mp.bias)
+        mapped = values_from(lambda k, i: pairing.hs_a[k][i, torch.from_numpy(pairing.pairs[k][i][:, 0])] @ W + bias)
+        loss[name] = run(mapped)
+        rows.append({**base, "map": name, "control": "none"})
+        if name == "procrustes":  # the same map fed A's states from other positions and passages
+            flat = torch.cat([v for per in mapped for v in per])
+            perm = flat[torch.randperm(len(flat), generator=gen)]
+            shuffled, at = [], 0
+            for per in mapped:
+                shuffled.append([])
+                for v in per:
+                    shuffled[-1].append(perm[at : at + len(v)])
+                    at += len(v)
+            loss["procrustes_shuffled"] = run(shuffled)
+            rows.append({**base, "map": name, "control": "shuffled"})
+    for r in rows:
+        key = r["map"] if r["map"] != "none" else r["control"]
+        key = "procrustes_shuffled" if r["control"] == "shuffled" else key
+        r["loss"] = loss[key]
+        for col, abl in (("frac_recovered", "mean"), ("frac_recovered_zero", "zero")):
+            gap = loss[abl] - loss["clean"]
+            r[col] = (loss[abl] - loss[key]) / gap if abs(gap) > 1e-12 else math.nan
+    return rows
+
+
+def feature_patch_rows(pairs: list[MatchedPair], a: Side, b: Side, pairing: Pairing, s_a: np.ndarray, s_b: np.ndarray,
+                       alive_b: np.ndarray, n_controls: int, gen: np.random.Generator) -> list[dict]:
+    """feature_patching.csv rows: set B's matched feature to A's feature activation, vs random B features."""
+    dec_b = raw_decoder(b.sae)
+    codes_a = [a.sae.encode(h) for h in pairing.hs_a]  # [b, seq_a, d_sae_a] per batch
+
+    def patch(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> float:
+        def edits(k: int, bb: Batch) -> dict[int, Edit]:
+            def edit(h: torch.Tensor) -> torch.Tensor:
+                h = h.clone()
+                for i, p in enumerate(pairing.pairs[k]):
+                    pos = torch.from_numpy(p[:, 1])
+                    old = b.sae.encode(h[i, pos])[:, feat_b]
+                    new = values_a(k, i) * scale
+                    h[i, pos] += (new - old)[:, None] * dec_b[feat_b]  # SAE error term and other latents untouched
+                return h
+
+            return {b.layer: edit}
+
+        return edited_effect(b.backend, b.clean, edits).kl
+
+    rows = []
+    for pr in pairs:
+        fa = pr.feat_a
+        from_a = lambda k, i: codes_a[k][i, torch.from_numpy(pairing.pairs[k][i][:, 0]), fa]  # noqa: E731
+        zero = lambda k, i: torch.zeros(len(pairing.pairs[k][i]))  # noqa: E731
+        kl_patch = patch(pr.feat_b, s_b[pr.feat_b] / max(s_a[fa], 1e-12), from_a)
+        kl_ablate = patch(pr.feat_b, 1.0, zero)
+        pool = alive_b[alive_b != pr.feat_b]
+        ctrl = np.array([patch(int(f), s_b[int(f)] / max(s_a[fa], 1e-12), from_a)
+                         for f in gen.choice(pool, min(n_controls, len(pool)), replace=False)])
+        rows.append({"layer_a": pr.layer_a, "layer_b": pr.layer_b, "feat_a": fa, "feat_b": pr.feat_b, "kl_patch": kl_patch,
+                     "kl_ablate": kl_ablate, "kl_random_mean": float(ctrl.mean()) if len(ctrl) else math.nan,
+                     "random_percentile": float((ctrl < kl_patch).mean()) if len(ctrl) else math.nan,
+                     "p_value": (1 + int((ctrl <= kl_patch).sum())) / (len(ctrl) + 1), "n_patched": pairing.n_patched})
+    return rows
+
+
+# --- stage entry point ------------------------------------------------------------------------------
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: (f"{r[c]:.6g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _load_side_files(cfg: RunConfig, key: str, layer: int) -> Any:
+    from .sae import load_sae
+
+    path = cfg.sae_dir(key, layer)
+    if not path.is_dir():
+        raise TransferError(f"no SAE for model {key} ({cfg.model(key).name}) layer {layer} at {path}; configured layers "
+                            f"with SAEs: {cfg.model(key).layers} (run crossdict train)")
+    return load_sae(path)
+
+
+def _load_maps(cfg: RunConfig, la: int, lb: int) -> dict[str, LinearMap]:
+    d = map_dir(cfg.run_dir, la, lb)
+    if not (d / "procrustes.safetensors").is_file():
+        raise TransferError(f"no alignment for layers (a={la}, b={lb}) at {d}; run crossdict align for this layer pair")
+    return {m: LinearMap.load(d, m) for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()}
+
+
+def _check_alpha(alphas: list[float]) -> list[float]:
+    bad = [a for a in alphas if not math.isfinite(a)]
+    if bad:
+        raise TransferError(f"alpha must be a finite number, got {bad}")
+    return [float(a) for a in alphas if a != 0.0]  # α = 0 is the identity (tests check it is bit-exact)
+
+
+def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], feature_idx: int | None, d_sae_a: int,
+                 candidates: Callable[[int], list]) -> list[MatchedPair]:
+    """The matched pairs to test at (la, lb): `feature_idx` alone, or the top `transfer.n_features` by correlation."""
+    sig = [m for m in matches if m.layer_a == la and m.layer_b == lb and m.q_value < cfg.align.q_threshold]
+    if feature_idx is None:
+        sig.sort(key=lambda m: -m.act_corr)
+        if not sig:
+            raise TransferError(f"layers (a={la}, b={lb}) have no significant feature matches (q < {cfg.align.q_threshold})")
+        return sig[: cfg.transfer.n_features]
+    if not 0 <= feature_idx < d_sae_a:
+        raise TransferError(f"--feature_idx {feature_idx} is out of range: A's SAE at layer {la} has {d_sae_a} features "
+                            f"(0..{d_sae_a - 1})")
+    hit = [m for m in sig if m.feat_a == feature_idx]
+    if not hit:
+        near = ", ".join(f"B feature {f} (decoder cosine {c})" for f, c in candidates(feature_idx))
+        best = ", ".join(str(m.feat_a) for m in sorted(sig, key=lambda m: -m.act_corr)[:8])
+        raise TransferError(f"feature {feature_idx} of A (layer {la}) has no significant match in B layer {lb} "
+                            f"(q < {cfg.align.q_threshold}). Nearest B features after the Procrustes map: {near}. "
+                            f"A features with the strongest significant matches: {best}")
+    return hit
+
+
+def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, layer_a: int | None = None,
+                 feature_idx: int | None = None, alphas: list[float] | None = None, progress: bool = True) -> dict:
+    """Injection, stitching and feature patching for every configured layer pair (or one feature); writes the CSVs.
+
+    With `feature_idx` (A's feature at `layer_a`), only that pair is injected and the results go to
+    `report/transfer_L<la>_F<feature>.csv`, leaving the sweep's files as they are.
+    """
+    tcfg = cfg.transfer
+    alphas = _check_alpha(list(tcfg.alphas if alphas is None else alphas))
+    if not alphas:
+        raise TransferError("no non-zero alpha to test (alpha = 0 leaves the model unchanged)")
+    pairs_ab = cfg.layer_pairs if layer_a is None else [p for p in cfg.layer_pairs if p[0] == layer_a]
+    if not pairs_ab:
+        raise TransferError(f"layer {layer_a} of model A is not configured (model_a.layers: {cfg.model_a.layers}); its "
+                            "SAE and alignment do not exist")
+    matches = read_matches(cfg.report_dir / "feature_matches.csv")
+    cache = ActivationCache(cfg.cache_dir)
+    loaded = {(la, lb): (_load_side_files(cfg, "a", la), _load_side_files(cfg, "b", lb), _load_maps(cfg, la, lb))
+              for la, lb in pairs_ab}  # every input checked before any model runs
+    plan = {}
+    for (la, lb), (sae_a, sae_b, maps) in loaded.items():
+        cand = lambda f, sa=sae_a, sb=sae_b, m=maps: nearest_candidates(raw_decoder(sa), raw_decoder(sb),  # noqa: E731
+                                                                        m["procrustes"].weight, f)
+        plan[(la, lb)] = select_pairs(cfg, la, lb, matches, feature_idx, sae_a.d_sae, cand)
+
+    if backends is None:
+        from .extract import load_backends
+
+        backends = load_backends(cfg)
+    texts = heldout_texts(cache, tcfg.n_passages, tcfg.passage_chars)
+    cleans = {k: clean_run(backends[k], batches_for(backends[k], texts, cfg.model(k).max_ctx, tcfg.batch_size))
+              for k in ("a", "b")}
+    strings = {k: vocab_strings(backends[k].tokenizer, int(cleans[k].logp[0].shape[-1])) for k in ("a", "b")}
+    vocab = shared_vocab(strings["a"], strings["b"])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    transfer, examples, stitching, patching = [], [], [], []
+    for (la, lb), (sae_a, sae_b, maps) in loaded.items():
+        a_rows, b_rows = cache.rows("a", "train"), cache.rows("b", "train")
+        s_a = typical_activation(sae_a, cache.acts("a", la), a_rows, seed=cfg.seed)
+        s_b = typical_activation(sae_b, cache.acts("b", lb), b_rows, seed=cfg.seed)
+        alive_b = np.nonzero(s_b > 0)[0]
+        sides = {}
+        for k, layer, sae in (("a", la, sae_a), ("b", lb, sae_b)):
+            sides[k] = Side(backends[k], layer, sae, cleans[k], strings[k])
+        a, b = sides["a"], sides["b"]
+        matched_b = {m.feat_b for m in matches if m.layer_a == la and m.layer_b == lb}
+        pool = np.array([f for f in alive_b if f not in matched_b] or list(alive_b))
+        todo = plan[(la, lb)]
+        for pr in tqdm(todo, desc=f"inject A{la}->B{lb}", disable=not progress):
+            unmatched = int(rng.choice(pool))
+            rows, ex = injection_rows(pr, a, b, maps[tcfg.direction_map].weight, float(s_a[pr.feat_a]), float(s_b[pr.feat_b]),
+                                      alphas, vocab, unmatched, float(s_b[unmatched]), tcfg.n_random_controls,
+                                      tcfg.top_strings, gen)
+            transfer += rows
+            examples.append(ex)
+        if feature_idx is not None:
+            continue
+        pairing = pair_batches(a, b, sae_a.spec.metadata.get("max_norm"), sae_b.spec.metadata.get("max_norm"))
+        mean_b = cache.acts("b", lb).take(np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))).mean(0)
+        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen)
+        patching += feature_patch_rows(todo[: tcfg.n_patch_features], a, b, pairing, s_a, s_b, alive_b,
+                                       tcfg.n_patch_controls, rng)
+    for kind in {r["direction"] for r in transfer}:
+        for alpha in alphas:
+            sel = [r for r in transfer if r["direction"] == kind and r["alpha"] == alpha and "p_value" in r]
+            if sel:
+                for r, q in zip(sel, bh_qvalues(np.array([r["p_value"] for r in sel], float))):
+                    r["q_value"] = float(q)
+    if patching:
+        for r, q in zip(patching, bh_qvalues(np.array([r["p_value"] for r in patching], float))):
+            r["q_value"] = float(q)
+    rd = cfg.report_dir
+    if feature_idx is not None:
+        out = rd / f"transfer_L{pairs_ab[0][0]}_F{feature_idx}.csv"
+        _write_csv(out, TRANSFER_COLUMNS, transfer)
+    else:
+        _write_csv(rd / "stitching.csv", STITCH_COLUMNS, stitching)
+        _write_csv(rd / "feature_patching.csv", PATCH_COLUMNS, patching)
+        atomic_write_json(rd / "transfer_examples.json", {"alphas": alphas, "examples": examples})
+        _write_csv(rd / "transfer.csv", TRANSFER_COLUMNS, transfer)
+    summary = transfer_summary(transfer, max(alphas), cfg.align.q_threshold)
+    for line in summary["lines"]:
+        print(f"[crossdict] transfer: {line}")
+    return {"transfer": transfer, "stitching": stitching, "patching": patching, "examples": examples, **summary}
+
+
+def transfer_summary(rows: list[dict], alpha: float, q: float) -> dict:
+    """Share of tested pairs whose agreement beats the controls after BH, per direction kind at `alpha`."""
+    out, lines = {}, []
+    for kind in ("b_mapped", "b_matched", "b_unmatched"):
+        sel = [r for r in rows if r["direction"] == kind and r["alpha"] == alpha]
+        if not sel:
+            continue
+        n_sig = sum(1 for r in sel if r.get("q_value", 1.0) < q)
+        out[kind] = n_sig / len(sel)
+        med = float(np.nanmedian([r["agreement"] for r in sel]))
+        lines.append(f"{kind}: {n_sig}/{len(sel)} matched pairs beat the 95th percentile of random directions "
+                     f"(BH q < {q}) at alpha={alpha:g}; median agreement (Spearman) {med:.3f}")
+    return {"share_significant": out, "lines": lines}

@@ -1,0 +1,159 @@
+"""Causal transfer on tiny models: exactness of the edit hook, causality, self-stitching, a planted rotated copy."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from crossdict.align import LinearMap
+from crossdict.backend_hf import HFBackend
+from crossdict.interventions import (
+    Side,
+    add_at,
+    agreement,
+    clean_run,
+    injection_rows,
+    MatchedPair,
+    pair_batches,
+    shared_vocab,
+    stitching_rows,
+    vocab_strings,
+)
+from crossdict.sae import SAE, SAESpec
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog, and the dog sleeps on.",
+    "A function returns a value; the caller uses that value in an expression.",
+    "Modules hold classes and functions, and packages hold modules for import.",
+    "Every object has an identity, a type and a value that may change.",
+]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    return HFBackend.load(str(tiny_models["llama"]))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_models):
+    return HFBackend.load(str(tiny_models["gpt2"]))
+
+
+def random_sae(d_in: int, d_sae: int = 64, seed: int = 0) -> SAE:
+    sae = SAE(SAESpec("topk", d_in, d_sae, k=8))
+    sae.reset_parameters(torch.Generator().manual_seed(seed))
+    return sae
+
+
+def test_alpha_zero_is_bit_identical_and_alpha_nonzero_is_not(gpt2):
+    batch = gpt2.tokenize(TEXTS, 32)
+    clean = gpt2.logits(batch)
+    v = torch.randn(gpt2.d_model)
+    assert torch.equal(gpt2.logits(batch, {2: add_at(0.0 * v, batch.is_content)}), clean)
+    assert not torch.allclose(gpt2.logits(batch, {2: add_at(3.0 * v, batch.is_content)}), clean)
+
+
+def test_injection_at_one_position_changes_nothing_before_it(llama):
+    batch = llama.tokenize(TEXTS, 32)
+    clean = llama.logits(batch)
+    p = 7
+    where = torch.zeros_like(batch.is_content)
+    where[:, p] = True
+    steered = llama.logits(batch, {1: add_at(5.0 * torch.randn(llama.d_model), where)})
+    assert torch.equal(steered[:, :p], clean[:, :p])  # causal: earlier positions never see the edit
+    assert (steered[:, p] - clean[:, p]).abs().max() > 1e-3
+    assert (steered[:, p + 1 :] - clean[:, p + 1 :]).abs().max() > 1e-3
+
+
+def test_stitching_a_model_to_itself_with_the_identity_recovers_all_the_loss(llama):
+    clean = clean_run(llama, [llama.tokenize(TEXTS, 32)])
+    side = Side(llama, 1, None, clean, [])
+    d = llama.d_model
+    identity = LinearMap("procrustes", np.eye(d, dtype=np.float32), np.zeros(d, np.float32))
+    pairing = pair_batches(side, side, None, None)
+    n_content = int(clean.batches[0].is_content.sum())
+    assert 0.9 * n_content <= pairing.n_patched <= n_content  # same tokenizer: every distinct token end pairs
+    rows = {(r["map"], r["control"]): r for r in stitching_rows(side, side, {"procrustes": identity}, pairing,
+                                                                np.zeros(d, np.float32), torch.Generator().manual_seed(0))}
+    assert rows[("procrustes", "none")]["frac_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[("none", "mean")]["frac_recovered"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[("procrustes", "none")]["loss"] == pytest.approx(rows[("none", "clean")]["loss"], abs=1e-6)
+    # states from other positions are not the model's own: the loss moves (a random tiny model, so either way)
+    assert abs(rows[("procrustes", "shuffled")]["loss"] - rows[("none", "clean")]["loss"]) > 1e-3
+
+
+def rotated_copy(backend: HFBackend, Q: torch.Tensor) -> HFBackend:
+    """The same Llama with its residual stream in the basis Q: h_B = h_A Q at every layer, identical logits.
+
+    RMSNorm with unit weights commutes with rotations, rotary embeddings act after the q/k projections,
+    so rotating every matrix that reads from (W Q) or writes to (Qᵀ W) the residual stream is exact.
+    """
+    model = copy.deepcopy(backend.model)
+    assert all(torch.all(n.weight == 1) for n in model.modules() if type(n).__name__.endswith("RMSNorm"))
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ Q)
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+                lin.weight.copy_(lin.weight @ Q)
+            for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                lin.weight.copy_(Q.T @ lin.weight)
+        model.lm_head.weight.copy_(model.lm_head.weight @ Q)
+    return HFBackend(model, backend.tokenizer, "rotated", "cpu")
+
+
+def test_planted_rotated_copy_transfers_with_agreement_one_and_random_controls_do_not(llama):
+    d = llama.d_model
+    Q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1)))[0]
+    twin = rotated_copy(llama, Q)
+    batches = [llama.tokenize(TEXTS, 32)]
+    ha, hb = llama.hidden_states(batches[0], [1])[1], twin.hidden_states(batches[0], [1])[1]
+    torch.testing.assert_close(hb, ha @ Q, atol=1e-4, rtol=1e-4)
+
+    sae_a = random_sae(d)
+    sae_b = copy.deepcopy(sae_a)
+    with torch.no_grad():  # B's SAE is A's in the rotated basis: same codes on rotated inputs
+        sae_b.W_dec.copy_(sae_a.W_dec @ Q)
+        sae_b.W_enc.copy_(sae_a.W_enc @ Q)  # F.linear: W_enc is [d_sae, d_in]
+        sae_b.b_dec.copy_(sae_a.b_dec @ Q)
+    strings = vocab_strings(llama.tokenizer)
+    vocab = shared_vocab(strings, strings)
+    a = Side(llama, 1, sae_a, clean_run(llama, batches), strings)
+    b = Side(twin, 1, sae_b, clean_run(twin, batches), strings)
+    pair = MatchedPair(1, 1, 5, 5, 0.9, 0.001)
+    n_controls = 16
+    rows, example = injection_rows(pair, a, b, Q.numpy(), 2.0, 2.0, [4.0], vocab, unmatched_b=9, s_unmatched=2.0,
+                                   n_controls=n_controls, top=10, gen=torch.Generator().manual_seed(0))
+    by = {r["direction"]: r for r in rows}
+    for kind in ("b_mapped", "b_matched"):
+        assert by[kind]["agreement"] > 0.99 and by[kind]["top_overlap"] >= 0.9
+        assert by[kind]["kl"] == pytest.approx(by["a_self"]["kl"], rel=1e-3)
+        assert by[kind]["p_value"] == pytest.approx(1 / (n_controls + 1))  # beats every random direction
+        assert by[kind]["control_percentile"] == 1.0
+    assert abs(by["b_mapped"]["control_mean"]) < 0.3  # random directions of the same norm: no agreement
+    assert by["b_unmatched"]["agreement"] < 0.9
+    assert example["promoted_a"][:5] == example["promoted_b_mapped"][:5]
+
+
+def test_shuffled_feature_is_not_agreement(llama):
+    rng = np.random.default_rng(0)
+    strings = vocab_strings(llama.tokenizer)
+    vocab = shared_vocab(strings, strings)
+    x = rng.normal(size=len(strings)).astype(np.float32)
+    assert agreement(x, x, vocab)[0] == pytest.approx(1.0)
+    assert abs(agreement(x, rng.permutation(x), vocab)[0]) < 0.15
+
+
+def test_vocab_strings_keep_leading_spaces_in_both_vocabulary_styles(tiny_tokenizers):
+    for name, tok in tiny_tokenizers.items():
+        strings = vocab_strings(tok)
+        ids = tok(" the function", add_special_tokens=False)["input_ids"]
+        assert "".join(strings[i] for i in ids) == " the function", name
+        assert all(strings[i] is None for i in tok.all_special_ids)
+    shared = shared_vocab(vocab_strings(tiny_tokenizers["gpt2"]), vocab_strings(tiny_tokenizers["llama"]))
+    a, b = tiny_tokenizers["gpt2"], tiny_tokenizers["llama"]
+    for s, i, j in list(zip(shared.strings, shared.ids_a, shared.ids_b))[:50]:
+        assert a.decode([int(i)]).strip() == b.decode([int(j)]).strip() == s.strip()
