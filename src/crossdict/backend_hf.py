@@ -135,6 +135,26 @@ class HFBackend:
                 pass
         return {layer: captured[layer] for layer in layers}
 
+    @contextlib.contextmanager
+    def output_vocab(self, ids: torch.Tensor) -> Iterator[None]:
+        """Inside the block, `logits` returns only vocabulary columns `ids` `[n_ids]`.
+
+        The unembedding is most of a forward pass for large vocabularies (Gemma-3: 262k rows, more
+        FLOPs than all its blocks); comparisons over a known subset of tokens need only those rows.
+        Tied input embeddings keep the full matrix: only the output head's parameter is swapped.
+        """
+        head = self.model.get_output_embeddings()
+        full_w, full_b = head.weight, getattr(head, "bias", None)
+        head.weight = nn.Parameter(full_w.detach()[ids.to(full_w.device)], requires_grad=False)
+        if full_b is not None:
+            head.bias = nn.Parameter(full_b.detach()[ids.to(full_b.device)], requires_grad=False)
+        try:
+            yield
+        finally:
+            head.weight = full_w
+            if full_b is not None:
+                head.bias = full_b
+
     @torch.inference_mode()
     def logits(self, batch: Batch, edits: dict[int, Edit] | None = None) -> torch.Tensor:
         edits = edits or {}

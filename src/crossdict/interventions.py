@@ -38,12 +38,13 @@ Outputs: `report/transfer.csv`, `report/transfer_examples.json` (top promoted st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,7 +63,7 @@ from .stats import bh_qvalues
 from .utils import atomic_write_json, atomic_write_text
 
 TRANSFER_COLUMNS = (
-    "layer_a", "layer_b", "feat_a", "feat_b", "act_corr", "match_q", "alpha", "direction", "kl", "kl_control_mean",
+    "layer_a", "layer_b", "feat_a", "feat_b", "act_corr", "match_q", "alpha", "direction", "kl",
     "agreement", "top_overlap", "control_mean", "control_sd", "control_z", "control_percentile", "p_value", "q_value",
     "top_a", "top_b",
 )  # fmt: skip
@@ -171,6 +172,7 @@ class CleanRun:
     batches: list[Batch]
     logp: list[torch.Tensor]
     """Per batch, log-probs `[n_measured, vocab]` at the measured (content) positions."""
+    memo: dict = field(default_factory=dict)
 
     @property
     def n_positions(self) -> int:
@@ -197,6 +199,13 @@ def _next_nll(logp: torch.Tensor, batch: Batch) -> tuple[float, int]:
     target = batch.input_ids[:, 1:].to(logp.device)
     nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0]
     return float(nll[valid.to(logp.device)].sum()), int(valid.sum())
+
+
+def _vocab_restricted(backend: Backend, ids: np.ndarray | None) -> Any:
+    """Context in which `backend.logits` computes only columns `ids` (HF backend), else a no-op."""
+    if ids is None or not hasattr(backend, "output_vocab"):
+        return contextlib.nullcontext()
+    return backend.output_vocab(torch.from_numpy(np.asarray(ids)))
 
 
 def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]]) -> Effect:
@@ -230,9 +239,43 @@ def inject(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor) 
     return edited_effect(backend, clean, lambda i, b: {layer: add_at(vector, b.is_content)})
 
 
-def agreement(dlogp_a: np.ndarray, dlogp_b: np.ndarray, vocab: SharedVocab, top: int = 20) -> tuple[float, float]:
-    """(Spearman ρ, top-`top` overlap) of two models' log-prob changes over the shared strings."""
-    xa, xb = dlogp_a[vocab.ids_a], dlogp_b[vocab.ids_b]
+def inject_shift(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    """`[len(ids)]` mean logit change of tokens `ids` when `vector` is added at every content position.
+
+    For rank comparisons (agreement) this equals the log-prob change up to a constant: the
+    normaliser's change is the same for every token at a position. Only the `ids` rows of the
+    unembedding run, which makes the random-direction controls several times cheaper.
+    """
+    sub = torch.from_numpy(np.asarray(ids))
+    total, n = None, 0
+    with _vocab_restricted(backend, ids):
+        for b in clean.batches:
+            logits = backend.logits(b, {layer: add_at(vector, b.is_content)})
+            if logits.shape[-1] != len(ids):  # the backend cannot restrict its vocabulary
+                logits = logits[..., sub]
+            s = logits[b.is_content].sum(0, dtype=torch.float64)
+            total, n = (s if total is None else total + s), n + int(b.is_content.sum())
+    clean_part = _clean_logits_mean(clean, backend, ids)
+    return ((total / n).float() - clean_part).numpy()
+
+
+def _clean_logits_mean(clean: CleanRun, backend: Backend, ids: np.ndarray) -> torch.Tensor:
+    key = ("clean_shift", id(backend), len(ids))
+    if key not in clean.memo:
+        total, n = None, 0
+        with _vocab_restricted(backend, ids):
+            for b in clean.batches:
+                logits = backend.logits(b)
+                if logits.shape[-1] != len(ids):
+                    logits = logits[..., torch.from_numpy(np.asarray(ids))]
+                s = logits[b.is_content].sum(0, dtype=torch.float64)
+                total, n = (s if total is None else total + s), n + int(b.is_content.sum())
+        clean.memo[key] = (total / n).float()
+    return clean.memo[key]
+
+
+def agreement(xa: np.ndarray, xb: np.ndarray, top: int = 20) -> tuple[float, float]:
+    """(Spearman ρ, top-`top` overlap) of two models' log-prob changes `[n_shared]`, aligned by shared string."""
     if np.ptp(xa) == 0 or np.ptp(xb) == 0:
         return math.nan, math.nan
     rho = float(spearmanr(xa, xb).statistic)
@@ -373,18 +416,18 @@ def injection_rows(pair: MatchedPair, a: Side, b: Side, linear: np.ndarray, s_a:
     rows, example = [], {}
     for alpha in alphas:
         eff_a = inject(a.backend, a.clean, a.layer, alpha * u_a)
-        ctrl = [inject(b.backend, b.clean, b.layer, alpha * norm_b * r) for r in randoms]
-        ctrl_agree = np.array([agreement(eff_a.dlogp, e.dlogp, vocab, top)[0] for e in ctrl])
-        ctrl_kl = float(np.mean([e.kl for e in ctrl]))
+        xa = eff_a.dlogp[vocab.ids_a]
+        ctrl_agree = np.array([agreement(xa, inject_shift(b.backend, b.clean, b.layer, alpha * norm_b * r, vocab.ids_b),
+                                         top)[0] for r in randoms])
         base = {"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
                 "act_corr": pair.act_corr, "match_q": pair.q_value, "alpha": alpha}
         top_a = promoted(eff_a.dlogp, a.strings, top)
         rows.append({**base, "direction": "a_self", "kl": eff_a.kl, "top_a": "|".join(top_a[:8])})
         for kind, u in directions.items():
             eff = inject(b.backend, b.clean, b.layer, alpha * norm_b * u)
-            rho, overlap = agreement(eff_a.dlogp, eff.dlogp, vocab, top)
+            rho, overlap = agreement(xa, eff.dlogp[vocab.ids_b], top)
             top_b = promoted(eff.dlogp, b.strings, top)
-            rows.append({**base, "direction": kind, "kl": eff.kl, "kl_control_mean": ctrl_kl, "agreement": rho,
+            rows.append({**base, "direction": kind, "kl": eff.kl, "agreement": rho,
                          "top_overlap": overlap, **control_stats(rho, ctrl_agree), "top_a": "|".join(top_a[:8]),
                          "top_b": "|".join(top_b[:8])})
             if alpha == max(alphas):

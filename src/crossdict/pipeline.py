@@ -150,7 +150,7 @@ def stages(cfg: RunConfig) -> list[Stage]:
     ]
 
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 """Bump when the report's layout changes, so finished runs regenerate it."""
 
 

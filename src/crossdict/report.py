@@ -250,7 +250,8 @@ def _match_section(cfg: RunConfig, matches: list[dict], seed_matches: list[dict]
             '(dashed line).</p>' + _png(fig) + "</section>")
 
 
-def _transfer_section(transfer: list[dict], stitching: list[dict]) -> str:
+def _transfer_section(transfer: list[dict], stitching: list[dict], patching: list[dict], examples: list[dict],
+                      q: float) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,28 +259,58 @@ def _transfer_section(transfer: list[dict], stitching: list[dict]) -> str:
 
     if not transfer and not stitching:
         return ""
-    out = '<section id="transfer"><h2>Causal transfer</h2>'
-    zcol = next((c for c in ("control_z", "z_score") if transfer and c in transfer[0]), None)
-    if transfer and zcol:
-        kinds = sorted({r.get("direction", "") for r in transfer})
-        fig, ax = plt.subplots(figsize=(6, 3))
-        for i, kind in enumerate(kinds):
-            zs = [_num(r[zcol]) for r in transfer if r.get("direction", "") == kind and math.isfinite(_num(r[zcol]))]
-            ax.scatter([i + (j % 7 - 3) * 0.03 for j in range(len(zs))], zs, s=10, alpha=0.6)
-        ax.axhline(1.645, color="#cc3311", ls="--", lw=1, label="95th pct. of controls (z = 1.645)")
+    out = ('<section id="transfer"><h2>Causal transfer</h2><p>A matched feature\'s direction is added to B\'s residual '
+           "stream (α in units of the feature's typical activation) and A's own direction to A's. <b>Agreement</b>: Spearman "
+           "correlation, over the vocabulary strings both tokenizers share, of how much each string's log-probability "
+           "changes in A and in B. Controls: random directions of the same norm in B; the p-value is the share of them "
+           "that agree at least as well, then Benjamini–Hochberg.</p>")
+    kinds = [k for k in ("b_mapped", "b_matched", "b_unmatched") if any(r["direction"] == k for r in transfer)]
+    if kinds:
+        alpha = max(_num(r["alpha"]) for r in transfer)
+        lines = []
+        for k in kinds:
+            sel = [r for r in transfer if r["direction"] == k and _num(r["alpha"]) == alpha]
+            n_sig = sum(1 for r in sel if _num(r.get("q_value")) < q)
+            lines.append(f"<li><b>{k}</b>: {n_sig} of {len(sel)} matched pairs beat the random directions (q &lt; {q}) at "
+                         f"α = {alpha:g}</li>")
+        out += f"<ul>{''.join(lines)}</ul>"
+        fig, ax = plt.subplots(figsize=(6.5, 3))
+        for i, k in enumerate(kinds):
+            sel = [r for r in transfer if r["direction"] == k and math.isfinite(_num(r["agreement"]))]
+            ag = [_num(r["agreement"]) for r in sel]
+            lo = [_num(r["control_mean"]) + 1.645 * _num(r["control_sd"]) for r in sel]
+            xs = [i + (j % 9 - 4) * 0.04 for j in range(len(ag))]
+            ax.scatter(xs, ag, s=14, label="matched pair" if i == 0 else None, color="#4477aa")
+            ax.scatter(xs, lo, s=10, marker="_", color="#cc3311", label="controls: mean + 1.645 sd" if i == 0 else None)
+        ax.axhline(0, color="#999", lw=0.8)
         ax.set_xticks(range(len(kinds)), kinds)
-        ax.set(ylabel="effect z-score vs random directions")
+        ax.set(ylabel="agreement with A (Spearman)")
         ax.legend(fontsize=7)
-        out += ("<p>Each point: one matched feature pair × α × direction kind; its effect measured against random "
-                "directions of the same norm (and an unmatched feature).</p>" + _png(fig))
+        out += _png(fig)
+    if examples:
+        rows = [[f"A{e['layer_a']}:{e['feat_a']} ↔ B{e['layer_b']}:{e['feat_b']}",
+                 html.escape(" · ".join(repr(x)[1:-1] for x in e.get("promoted_a", [])[:8])),
+                 html.escape(" · ".join(repr(x)[1:-1] for x in e.get("promoted_b_mapped", [])[:8])),
+                 html.escape(" · ".join(repr(x)[1:-1] for x in e.get("promoted_b_matched", [])[:8]))] for e in examples]
+        out += ("<h3>Top promoted strings</h3>" +
+                _table(["pair", "injected in A", "A's direction mapped into B", "B's matched feature"], rows, "promoted"))
     if transfer:
-        cols = [c for c in transfer[0].keys()][:14]
+        cols = ["layer_a", "layer_b", "feat_a", "feat_b", "alpha", "direction", "kl", "agreement", "top_overlap",
+                "control_mean", "control_z", "p_value", "q_value"]
         rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in transfer[:400]]
         out += f"<details><summary>transfer.csv ({len(transfer)} rows)</summary>{_table(cols, rows, 'num sortable')}</details>"
     if stitching:
-        cols = list(stitching[0].keys())
+        cols = ["layer_a", "layer_b", "map", "control", "loss", "frac_recovered", "frac_recovered_zero", "n_patched"]
         rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in stitching]
-        out += "<h3>Stitching: A's residual mapped into B</h3>" + _table(cols, rows, "num")
+        out += ("<h3>Stitching: A's residual, mapped, in place of B's</h3><p>B's next-token loss when its residual at every "
+                "anchor-paired position is replaced by A's mapped residual; loss recovered is 0 at mean ablation, 1 at "
+                "clean. <i>shuffled</i>: the same map fed A's states from other positions.</p>" + _table(cols, rows, "num"))
+    if patching:
+        cols = ["layer_a", "layer_b", "feat_a", "feat_b", "kl_patch", "kl_ablate", "kl_random_mean", "p_value", "q_value"]
+        rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in patching]
+        out += ("<h3>Feature patching</h3><p>B's matched feature set to A's feature activation at paired positions (SAE "
+                "error term kept). Small KL = A's feature carries what B's feature says; compared with patching random "
+                "live B features the same way and with ablating the feature.</p>" + _table(cols, rows, "num"))
     return out + "</section>"
 
 
@@ -315,7 +346,9 @@ def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
     rd = cfg.report_dir
     manifest = read_json(cfg.cache_dir / "manifest.json", "activation cache manifest")
     metrics, align, matches = _csv(rd / "metrics.csv"), _csv(rd / "alignment.csv"), _csv(rd / "feature_matches.csv")
-    transfer, stitching = _csv(rd / "transfer.csv"), _csv(rd / "stitching.csv")
+    transfer, stitching, patching = _csv(rd / "transfer.csv"), _csv(rd / "stitching.csv"), _csv(rd / "feature_patching.csv")
+    examples = read_json(rd / "transfer_examples.json", "transfer examples").get("examples", []) \
+        if (rd / "transfer_examples.json").is_file() else []
     browser = browser_data(cfg, per_pair)
     promoted = _promoted(rd)
     for b in browser:
@@ -326,7 +359,7 @@ def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
         + _metric_plots(cfg, metrics)
         + _sae_section(cfg, _csv(rd / "sae_metrics.csv"))
         + _match_section(cfg, matches, _csv(rd / "feature_matches_seed.csv"))
-        + _transfer_section(transfer, stitching)
+        + _transfer_section(transfer, stitching, patching, examples, cfg.align.q_threshold)
         + _browser_section(browser)
         + _HOW_TO_READ
     )
