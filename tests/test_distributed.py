@@ -121,3 +121,129 @@ def test_ddp_training_matches_single_process(tmp_path):
         if arch != "l1":
             assert any(r["auxk_loss"] > 0 for r in log_one)
         assert ref.W_dec.shape == got.W_dec.shape
+
+
+# --- sharded extraction ------------------------------------------------------------------------------
+
+
+def extract_cfg(tiny_models, root: Path, **extract) -> dict:
+    """4 shards of 16 passages from tests/test_extract.py's setup; floor on, sweep off (rank 0 only anyway)."""
+    text = root.parent / "corpus.txt"
+    if not text.exists():
+        from conftest import corpus_texts
+
+        text.write_text("\n\n".join(corpus_texts(400)))
+    return {
+        "run_name": "tiny", "output_dir": str(root),
+        "model_a": {"name": str(tiny_models["gpt2"]), "layers": [1, 2], "max_ctx": 48},
+        "model_b": {"name": str(tiny_models["llama"]), "layers": [0, 2], "max_ctx": 40},
+        "corpus": {"source": str(text), "max_passages": 60, "passage_chars": 400},
+        "extract": {"batch_size": 8, "shard_passages": 16, "random_floor": True, "layer_sweep_tokens": 0, **extract},
+    }
+
+
+def cache_files(run_dir: Path) -> dict[str, bytes]:
+    """Every array, passage text and shard marker of the main and floor caches, by relative path."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("shard_*/*"))
+            if p.suffix == ".npy" or p.name in ("passages.json", "done.json")}
+
+
+@pytest.fixture(scope="module")
+def one_rank_cache(tiny_models, tmp_path_factory) -> Path:
+    from crossdict.config import config_from_dict
+    from crossdict.extract import run_extract
+
+    cfg = config_from_dict(extract_cfg(tiny_models, tmp_path_factory.mktemp("one") / "runs"))
+    run_extract(cfg, progress=False)
+    return cfg.run_dir
+
+
+def _extract_worker(dist: Dist, cfg_dict: dict, die_after: int | None = None) -> None:
+    from crossdict import extract
+    from crossdict.config import config_from_dict
+
+    if die_after is not None and dist.rank == 1:
+        real = extract.write_shard
+        calls = []
+
+        def write_then_die(cache_dir, shard, data):
+            if len(calls) == die_after:  # crash half-way through writing this shard: one file, no marker
+                extract.atomic_save_npy(extract.shard_dir(cache_dir, shard) / "a.tokens.npy", data.tokens["a"])
+                os._exit(3)
+            calls.append(shard)
+            return real(cache_dir, shard, data)
+
+        extract.write_shard = write_then_die
+    extract.run_extract(config_from_dict(cfg_dict), progress=False, dist=dist)
+
+
+def test_two_rank_extraction_equals_one_rank(tiny_models, one_rank_cache, tmp_path):
+    cfg = extract_cfg(tiny_models, tmp_path / "runs")
+    spawn(_extract_worker, 2, cfg, err_dir=tmp_path / "err")
+    run_dir = tmp_path / "runs" / "tiny"
+    want, got = cache_files(one_rank_cache), cache_files(run_dir)
+    assert len(want) > 40 and sorted(got) == sorted(want)
+    assert any(k.startswith("cache_random/") for k in got)  # the floor was sharded too
+    assert [k for k in want if got[k] != want[k]] == []
+    m1, m2 = (json.loads((d / "cache" / "manifest.json").read_text()) for d in (one_rank_cache, run_dir))
+    assert m2["complete"] and m2["counts"] == m1["counts"] and m2["corpus_fingerprint"] == m1["corpus_fingerprint"]
+
+
+def test_rank_dying_mid_extraction_resumes_its_shards(tiny_models, one_rank_cache, tmp_path):
+    from crossdict.cache import shard_dir, shard_is_done
+
+    cfg = extract_cfg(tiny_models, tmp_path / "runs")
+    cache_dir = tmp_path / "runs" / "tiny" / "cache"
+    # Shards 0-3 are dealt 0,2 -> rank 0 and 1,3 -> rank 1; rank 1 dies while writing shard 3.
+    with pytest.raises(mp.ProcessExitedException, match="exit code 3"):
+        spawn(_extract_worker, 2, cfg, 1, err_dir=tmp_path / "err")
+    assert not json.loads((cache_dir / "manifest.json").read_text())["complete"]
+    assert shard_is_done(cache_dir, 1) and not shard_is_done(cache_dir, 3)
+    assert (shard_dir(cache_dir, 3) / "a.tokens.npy").is_file()  # the half-written shard
+    kept = {s: (shard_dir(cache_dir, s) / "a.blocks.2.hook_resid_post.npy").stat().st_mtime_ns
+            for s in range(4) if shard_is_done(cache_dir, s)}
+    spawn(_extract_worker, 2, cfg, err_dir=tmp_path / "err2")
+    assert json.loads((cache_dir / "manifest.json").read_text())["complete"]
+    for s, mtime in kept.items():  # finished shards were not redone
+        assert (shard_dir(cache_dir, s) / "a.blocks.2.hook_resid_post.npy").stat().st_mtime_ns == mtime
+    want, got = cache_files(one_rank_cache), cache_files(tmp_path / "runs" / "tiny")
+    assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
+
+
+def _mismatch_worker(dist: Dist, cfg_dict: dict) -> None:
+    from crossdict.config import config_from_dict
+    from crossdict.extract import run_extract
+
+    if dist.rank == 1:
+        cfg_dict = {**cfg_dict, "corpus": {**cfg_dict["corpus"], "max_passages": 30}}  # e.g. a stray --set
+    run_extract(config_from_dict(cfg_dict), progress=False, dist=dist)
+
+
+def test_mismatched_configs_across_ranks_are_refused(tiny_models, tmp_path):
+    cfg = extract_cfg(tiny_models, tmp_path / "runs")
+    with pytest.raises(mp.ProcessRaisedException, match="DistributedConfigError"):
+        spawn(_mismatch_worker, 2, cfg, err_dir=tmp_path / "err")
+    errs = rank_errors(tmp_path / "err")
+    assert set(errs) <= {0, 1} and errs  # every rank that got to report refused
+    for e in errs.values():
+        assert e["type"] == "DistributedConfigError"
+        assert "ranks [0] have config hash" in e["msg"] and "ranks [1] have config hash" in e["msg"]
+        assert "same --config file" in e["msg"]
+    assert not (tmp_path / "runs" / "tiny" / "cache").exists()  # refused before any work
+
+
+def test_more_ranks_than_shards_is_a_clear_error(tiny_models, tmp_path):
+    cfg = extract_cfg(tiny_models, tmp_path / "runs", shard_passages=64)  # 60 passages: 1 shard for 2 ranks
+    with pytest.raises(mp.ProcessRaisedException, match="DistributedConfigError"):
+        spawn(_extract_worker, 2, cfg, err_dir=tmp_path / "err")
+    msg = next(iter(rank_errors(tmp_path / "err").values()))["msg"]
+    assert "2 ranks but only 1 extraction shards" in msg
+    assert "--nproc_per_node 1" in msg and "lower extract.shard_passages" in msg
+
+
+def test_split_work_messages():
+    split_work(4, Dist(rank=0, world_size=4), "shards", "x")  # even: silent
+    with pytest.warns(UserWarning, match="5 shards over 2 ranks: ranks get 2 or 3"):
+        split_work(5, Dist(rank=0, world_size=2), "shards", "lower extract.shard_passages")
+    with pytest.raises(DistributedConfigError, match="3 ranks but only 2 SAEs"):
+        split_work(2, Dist(rank=0, world_size=3), "SAEs", "y")
