@@ -247,3 +247,32 @@ def test_split_work_messages():
         split_work(5, Dist(rank=0, world_size=2), "shards", "lower extract.shard_passages")
     with pytest.raises(DistributedConfigError, match="3 ranks but only 2 SAEs"):
         split_work(2, Dist(rank=0, world_size=3), "SAEs", "y")
+
+
+# --- cost model --------------------------------------------------------------------------------------
+
+
+def test_plan_sizes_match_a_real_cache_and_times_scale(tiny_models, one_rank_cache, tmp_path, capsys):
+    from crossdict.config import config_from_dict
+    from crossdict.plan import make_plan, print_plan
+
+    cfg = config_from_dict(extract_cfg(tiny_models, one_rank_cache.parent))
+    plan = make_plan(cfg, [1, 2, 8], calibrate=False)
+    assert plan["source"] == "the finished cache" and plan["shards"] == 4
+    for k in ("a", "b"):  # states: exact arithmetic, the files add only their 128-byte .npy headers
+        files = list((one_rank_cache / "cache").glob(f"shard_*/{k}.blocks.*.npy"))
+        on_disk = sum(f.stat().st_size - 128 for f in files)
+        assert plan["disk"][f"cache: model {k} states"] == on_disk
+    # Without a cache the counts come from tokenizing the corpus as extraction does.
+    fresh = config_from_dict(extract_cfg(tiny_models, tmp_path / "runs"))
+    guess = make_plan(fresh, [1], calibrate=False)
+    assert guess["source"].startswith("tokenizing")
+    for k in ("a", "b"):
+        assert guess["tokens"][k] == pytest.approx(plan["tokens"][k], rel=0.02)
+    p = print_plan(cfg, [1, 2, 8])
+    out = capsys.readouterr().out
+    assert "us/token/block" in out and "too many" in out  # 8 ranks > 4 shards
+    w = p["workers"]
+    assert w[8]["extract_s"] is None and w[8]["train_modules_s"] is None  # 8 ranks > 4 SAEs: refused
+    assert w[2]["extract_s"] == pytest.approx(w[1]["extract_s"] / 2) and w[1]["extract_s"] > 0
+    assert w[2]["train_ddp_s"] == pytest.approx(w[1]["train_ddp_s"] / 2)
