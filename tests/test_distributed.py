@@ -276,3 +276,65 @@ def test_plan_sizes_match_a_real_cache_and_times_scale(tiny_models, one_rank_cac
     assert w[8]["extract_s"] is None and w[8]["train_modules_s"] is None  # 8 ranks > 4 SAEs: refused
     assert w[2]["extract_s"] == pytest.approx(w[1]["extract_s"] / 2) and w[1]["extract_s"] > 0
     assert w[2]["train_ddp_s"] == pytest.approx(w[1]["train_ddp_s"] / 2)
+
+
+# --- SAE stage: one SAE per rank under a real torchrun, data-parallel run_train ----------------------
+
+
+def train_run(tiny_models, one_rank_cache: Path, root: Path) -> dict:
+    """The tiny config with a small SAE section, over a copy of the 1-rank cache."""
+    import shutil
+
+    shutil.copytree(one_rank_cache / "cache", root / "tiny" / "cache")
+    return {**extract_cfg(tiny_models, root), "sae": {"expansion_factor": 2, "k": 4, "batch_size": 64,
+                                                      "train_tokens": 64 * 12, "lr_warmup_steps": 2}}
+
+
+def sae_tensors(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.glob("saes/*/*/sae_weights.safetensors"))}
+
+
+def _run_train_worker(dist: Dist, cfg_dict: dict) -> None:
+    from crossdict.config import config_from_dict
+    from crossdict.train import run_train
+
+    run_train(config_from_dict(cfg_dict), progress=False, dist=dist)
+
+
+def test_train_under_torchrun_and_data_parallel(tiny_models, one_rank_cache, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    from crossdict.config import config_from_dict, dump_config
+    from crossdict.train import run_train
+
+    ref = config_from_dict(train_run(tiny_models, one_rank_cache, tmp_path / "one"))
+    run_train(ref, progress=False)
+    want = sae_tensors(ref.run_dir)
+    assert len(want) == 4
+
+    # One SAE per rank, through the CLI under torchrun: each SAE trained alone, so bit-identical.
+    cfg = config_from_dict(train_run(tiny_models, one_rank_cache, tmp_path / "tr"))
+    (tmp_path / "tr.yaml").write_text(dump_config(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "crossdict.cli", "train", "--config", str(tmp_path / "tr.yaml"), "--distribute-modules",
+                        "--no-progress"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4 SAEs, whole SAEs dealt to 2 ranks" in r.stdout
+    assert r.stdout.count("[crossdict] train done") == 1  # rank 0 reports
+    assert sae_tensors(cfg.run_dir) == want
+    rows = lambda d: [{k: v for k, v in row.items() if k != "wall_s"}  # noqa: E731
+                      for row in csv.DictReader((d / "report" / "sae_metrics.csv").open())]
+    assert rows(cfg.run_dir) == rows(ref.run_dir)
+
+    # Data-parallel: every SAE over both ranks; equal to single-process within float tolerance.
+    dp = config_from_dict(train_run(tiny_models, one_rank_cache, tmp_path / "dp"))
+    spawn(_run_train_worker, 2, dp.to_dict(), err_dir=tmp_path / "err")
+    for (k, layer, seed) in [("a", 1, 0), ("a", 2, 0), ("b", 0, 0), ("b", 2, 0)]:
+        got, exp = load_sae(dp.sae_dir(k, layer, seed)), load_sae(ref.sae_dir(k, layer, seed))
+        for name, w in exp.state_dict().items():
+            torch.testing.assert_close(got.state_dict()[name], w, atol=2e-5, rtol=1e-4)
+    for a, b in zip(rows(dp.run_dir), rows(ref.run_dir)):
+        assert float(a["fvu"]) == pytest.approx(float(b["fvu"]), rel=1e-3)

@@ -600,6 +600,9 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
         mine, job_dist = range(dist.rank, len(jobs), dist.world_size), local(dist)
     else:
         mine, job_dist = range(len(jobs)), dist
+    if dist.enabled and dist.is_main:
+        how = "whole SAEs dealt to" if distribute_modules else "each data-parallel over"
+        print(f"[crossdict] train: {len(jobs)} SAEs, {how} {dist.world_size} ranks")
     results: dict[int, dict] = {}
     layer_data: dict[tuple[str, int], tuple] = {}
     lm = {"batches": {}, "clean": {}}  # per model: the same batches give the same clean loss at every layer
