@@ -338,3 +338,11 @@ def test_train_under_torchrun_and_data_parallel(tiny_models, one_rank_cache, tmp
             torch.testing.assert_close(got.state_dict()[name], w, atol=2e-5, rtol=1e-4)
     for a, b in zip(rows(dp.run_dir), rows(ref.run_dir)):
         assert float(a["fvu"]) == pytest.approx(float(b["fvu"]), rel=1e-3)
+
+
+def test_global_batch_must_split_evenly():
+    from crossdict.train import _batch_slice
+
+    assert _batch_slice(128, Dist(rank=1, world_size=2)) == (64, 128)
+    with pytest.raises(DistributedConfigError, match=r"sae.batch_size=100 does not split evenly over 3 ranks.*e.g. 99"):
+        _batch_slice(100, Dist(rank=0, world_size=3))
