@@ -6,6 +6,9 @@
     crossdict transfer  --config ... [--layer 8 --feature_idx 12 --alpha 5]   steer B with A's features, stitch
     crossdict report    --config ...                       run files -> report/index.html
     crossdict run       --config ...                       all stages, skipping finished ones
+    crossdict plan      --config ... [--workers 1 8]       cache size and time estimates, before running
+
+Scale out: `torchrun --nproc_per_node N -m crossdict.cli extract|train --config ...` (see README).
 """
 
 from __future__ import annotations
@@ -35,17 +38,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="override the config's device (under torchrun a CUDA rank uses cuda:LOCAL_RANK)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossdict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="run both models over the corpus and cache hidden states + anchor pairs")
     _common(p)
+    _device(p)
 
     p = sub.add_parser("train", help="train one SAE per model and layer")
     _common(p)
     p.add_argument("--seeds", type=int, nargs="+", help="SAE seeds (default: sae.seeds from the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _device(p)
+    p.add_argument("--distribute-modules", action="store_true",
+                   help="under torchrun: each rank trains whole SAEs (one layer per rank) instead of data-parallel")
 
     p = sub.add_parser("align", help="fit maps A->B, match features, compute metrics with CIs and nulls")
     _common(p)
@@ -63,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="all stages end to end, skipping stages whose outputs match the config")
     _common(p)
+
+    p = sub.add_parser("plan", help="cache disk size and time estimates (short calibration on this machine)")
+    _common(p)
+    _device(p)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="worker counts to estimate for")
+    p.add_argument("--no-calibrate", action="store_true", help="sizes only: skip the timing calibration")
     return parser
 
 
@@ -84,17 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crossdict: config error: {e}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    if getattr(args, "device", None):
+        cfg.device = args.device
     t0 = time.perf_counter()
+    dist = None
     try:
+        if args.command in ("extract", "train"):  # torchrun-aware stages: join the process group if launched so
+            from .distributed import init_dist
+
+            dist = init_dist(cfg.device)
         if args.command == "extract":
             from .extract import run_extract
 
-            _record_config(cfg)
-            run_extract(cfg, progress=progress)
+            if dist.is_main:
+                _record_config(cfg)
+            run_extract(cfg, progress=progress, dist=dist)
         elif args.command == "train":
             from .train import run_train
 
-            run_train(cfg, seeds=args.seeds, resume=args.resume, progress=progress)
+            run_train(cfg, seeds=args.seeds, resume=args.resume, progress=progress, dist=dist,
+                      distribute_modules=args.distribute_modules)
+        elif args.command == "plan":
+            from .plan import print_plan
+
+            print_plan(cfg, workers=args.workers, calibrate=not args.no_calibrate)
         elif args.command == "align":
             from .align import run_align
 
@@ -116,9 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if os.environ.get("CROSSDICT_DEBUG"):
             raise
-        print(f"crossdict {args.command}: error: {e}", file=sys.stderr)
+        where = f" (rank {dist.rank} of {dist.world_size})" if dist is not None and dist.enabled else ""
+        print(f"crossdict {args.command}: error{where}: {e}", file=sys.stderr)
         return 1
-    print(f"[crossdict] {args.command} done in {time.perf_counter() - t0:.1f} s")
+    finally:
+        if dist is not None:
+            from .distributed import destroy
+
+            destroy(dist)
+    if dist is None or dist.is_main:
+        print(f"[crossdict] {args.command} done in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

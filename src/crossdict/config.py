@@ -62,6 +62,8 @@ class ExtractConfig:
     """Also extract model B with random weights (same architecture, tokenizer and anchors): the floor baseline."""
     layer_sweep_tokens: int = 1024
     """Held-out anchor pairs at which every layer of both models is kept, for the all-layers CKA map (0: off)."""
+    autocast: Literal["off", "bf16", "fp16"] = "off"
+    """Mixed-precision forward passes on CUDA (weights as loaded, states stored as float32); no effect on CPU."""
 
 
 @dataclass

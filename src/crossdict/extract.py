@@ -3,12 +3,19 @@
 For every passage we first cut it to the characters that fit *both* tokenizers' `max_ctx`, so the
 two models read exactly the same text. Each shard of passages is written atomically with a
 `done.json` marker; an interrupted extraction resumes at the first shard without one.
+
+Under torchrun the shards still to do are dealt round-robin to the ranks; each rank writes its own
+shards into the one cache directory, and rank 0 writes the manifest once every shard is done. A
+shard's bytes do not depend on which rank wrote it, so N ranks produce exactly 1 rank's cache, and
+a rerun after a crash (of any rank) redoes only the shards without a marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -33,6 +40,7 @@ from .cache import (
 )
 from .config import RunConfig
 from .corpus import common_prefix_length, is_heldout, passages
+from .distributed import Dist, check_same_config, split_work
 from .models import check_layers
 from .utils import atomic_save_npy, atomic_write_json, load_npy, read_json, resolve_device, stable_hash
 
@@ -44,6 +52,8 @@ def cache_key(cfg: RunConfig) -> dict:
         for k, m in (("a", cfg.model_a), ("b", cfg.model_b))
     }
     extract = {k: v for k, v in cfg.to_dict()["extract"].items() if k not in _SIDE_OUTPUTS}
+    if extract.get("autocast") == "off":  # caches made before the option existed stay valid
+        extract.pop("autocast")
     return {"models": models, "corpus": cfg.to_dict()["corpus"], "extract": extract, "version": CACHE_VERSION}
 
 
@@ -87,14 +97,31 @@ def truncate_to_common(texts: list[str], backends: dict[str, Backend], max_ctx: 
     return [t[: common_prefix_length(t, toks, ctx, n_special)] for t in texts]
 
 
+def autocast_dtype(cfg: RunConfig, backend: Backend) -> torch.dtype | None:
+    """`extract.autocast` as a dtype where it applies (a CUDA model), else None: fp32 matmuls."""
+    if cfg.extract.autocast == "off":
+        return None
+    device = getattr(backend, "device", torch.device("cpu"))
+    if torch.device(device).type != "cuda":
+        warnings.warn(f"extract.autocast={cfg.extract.autocast} applies on CUDA only; {backend.name} runs on "
+                      f"{device}, so it is extracted in float32", stacklevel=2)
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.extract.autocast]
+
+
 def content_states(
-    backend: Backend, texts: list[str], max_ctx: int, layers: list[int], batch_size: int
+    backend: Backend, texts: list[str], max_ctx: int, layers: list[int], batch_size: int,
+    amp: torch.dtype | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, dict[int, torch.Tensor]]]:
     """Per text: content-token rows `[n_tok, 4]` (position, char_start, char_end, token_id) and
-    `{layer: [n_tok, d_model]}` hidden states; BOS and padding dropped."""
+    `{layer: [n_tok, d_model]}` hidden states; BOS and padding dropped.
+
+    `amp`: run the forward under CUDA autocast in this dtype (weights stay as loaded; the captured
+    states are cast back to float32 by the backend)."""
     for start in range(0, len(texts), batch_size):
         batch = backend.tokenize(texts[start : start + batch_size], max_ctx)
-        states = backend.hidden_states(batch, layers)
+        with torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext():
+            states = backend.hidden_states(batch, layers)
         content = batch.is_content
         for i in range(len(batch.texts)):
             keep = content[i].nonzero().squeeze(1)
@@ -112,7 +139,8 @@ def extract_shard(
     offsets = {k: [] for k in backends}
     for k, backend in backends.items():
         mcfg = cfg.model(k)
-        per_text = content_states(backend, texts, mcfg.max_ctx, mcfg.layers, cfg.extract.batch_size)
+        per_text = content_states(backend, texts, mcfg.max_ctx, mcfg.layers, cfg.extract.batch_size,
+                                  autocast_dtype(cfg, backend))
         for pid, ho, (rows, states) in zip(passage_ids, heldout, per_text):
             n = len(rows)
             tokens[k].append(np.column_stack([np.full(n, pid), rows, np.full(n, int(ho))]))
@@ -135,33 +163,42 @@ def extract_shard(
     )
 
 
-def load_backends(cfg: RunConfig) -> dict[str, Backend]:
-    """Both models, behind their configured backends; layer indices checked against the real depth."""
+def load_backends(cfg: RunConfig, device: torch.device | None = None) -> dict[str, Backend]:
+    """Both models, behind their configured backends; layer indices checked against the real depth.
+
+    `device`: where to put them (a torchrun rank's own GPU); default `cfg.device` resolved."""
     backends = {}
+    device = device if device is not None else resolve_device(cfg.device)
     for k in ("a", "b"):
         m = cfg.model(k)
         check_layers(m.name, m.layers, key=f"model_{k}")  # from the config alone, before loading weights
-        backends[k] = load_backend(m.name, m.backend, m.dtype, str(resolve_device(cfg.device)))
+        backends[k] = load_backend(m.name, m.backend, m.dtype, str(device))
         check_layers(m.name, m.layers, backends[k].n_layers, key=f"model_{k}")
     return backends
 
 
 def run_extract(cfg: RunConfig, backends: dict[str, Backend] | Callable[[], dict] | None = None,
-                progress: bool = True) -> ActivationCache:
+                progress: bool = True, dist: Dist | None = None) -> ActivationCache:
     """Fill (or reuse) `runs/<name>/cache/`, then the floor and sweep caches; returns the main cache's reader.
 
     `backends`: the loaded models, or a function that loads them (called only if a model must run).
+    `dist` (from `distributed.init_dist`): this rank's place in a torchrun job; every rank calls this.
     """
-    load = backends if callable(backends) else (lambda: backends or load_backends(cfg))
-    cache = _main_cache(cfg, load, progress)
+    dist = dist or Dist(device=resolve_device(cfg.device))
+    if dist.enabled:
+        check_same_config(dist, cfg.to_dict())
+    load = backends if callable(backends) else (lambda: backends or load_backends(cfg, dist.device))
+    cache = _main_cache(cfg, load, progress, dist)
     need_floor = cfg.extract.random_floor and not _floor_is_current(cfg, cache)
-    need_sweep = cfg.extract.layer_sweep_tokens > 0 and not _sweep_is_current(cfg, cache)
+    need_sweep = cfg.extract.layer_sweep_tokens > 0 and not _sweep_is_current(cfg, cache) and dist.is_main
+    dist.barrier()  # every rank has read the floor's state before rank 0 rewrites its manifest
     if need_floor or need_sweep:
         backends = load()
     if need_floor:
-        extract_random_floor(cfg, backends, cache, progress)
-    if need_sweep:
+        extract_random_floor(cfg, backends, cache, progress, dist)
+    if need_sweep:  # a few passages: not worth splitting
         extract_layer_sweep(cfg, backends, cache)
+    dist.barrier()
     return cache
 
 
@@ -187,16 +224,18 @@ def _sweep_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
     return path.is_file() and read_json(path, "layer sweep").get("key") == _sweep_key(cfg, cache)
 
 
-def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool) -> ActivationCache:
+def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool, dist: Dist) -> ActivationCache:
     for k in ("a", "b"):  # cheap checks first: no model is loaded for a bad layer index
         check_layers(cfg.model(k).name, cfg.model(k).layers, key=f"model_{k}")
     cache_dir = cfg.cache_dir
     key = cache_key(cfg)
     manifest = check_existing(cache_dir, key)
     if manifest is not None and manifest.get("complete"):
-        print(f"[crossdict] extract: reusing complete cache {cache_dir} ({manifest['counts']['n_tokens_a']} + "
-              f"{manifest['counts']['n_tokens_b']} tokens, pairing rate {manifest['counts']['pairing_rate']:.3f})")
+        if dist.is_main:
+            print(f"[crossdict] extract: reusing complete cache {cache_dir} ({manifest['counts']['n_tokens_a']} + "
+                  f"{manifest['counts']['n_tokens_b']} tokens, pairing rate {manifest['counts']['pairing_rate']:.3f})")
         return ActivationCache(cache_dir)
+    dist.barrier()  # every rank has read the old manifest before rank 0 rewrites it
 
     torch.manual_seed(cfg.seed)
     texts = passages(cfg.corpus)
@@ -229,16 +268,26 @@ def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool) -> Act
             for k in ("a", "b")
         },
     }
-    write_manifest(cache_dir, manifest)
+    sp = cfg.extract.shard_passages
+    if dist.enabled:
+        split_work(n_shards, dist, f"extraction shards ({len(kept)} passages, extract.shard_passages={sp})",
+                   "lower extract.shard_passages for more, smaller shards")
+    if dist.is_main:
+        write_manifest(cache_dir, manifest)
 
     store_dtype = np.dtype(cfg.extract.store_dtype)
-    sp = cfg.extract.shard_passages
     t0 = time.perf_counter()
     n_new = 0
     todo = [s for s in range(n_shards) if not shard_is_done(cache_dir, s)]
-    already = sum(len(kept[s * sp : (s + 1) * sp]) for s in range(n_shards) if s not in todo)
-    bar = tqdm(total=len(kept), initial=already, desc="extract passages", disable=not progress)
-    for s in todo:
+    dist.barrier()  # all ranks agree on `todo` before any rank writes a shard
+    mine = todo[dist.rank :: dist.world_size]
+    if dist.enabled:
+        bar = tqdm(total=sum(len(kept[s * sp : (s + 1) * sp]) for s in mine), disable=not (progress and dist.is_main),
+                   desc=f"extract passages (rank 0 of {dist.world_size})")
+    else:
+        already = sum(len(kept[s * sp : (s + 1) * sp]) for s in range(n_shards) if s not in todo)
+        bar = tqdm(total=len(kept), initial=already, desc="extract passages", disable=not progress)
+    for s in mine:
         chunk = kept[s * sp : (s + 1) * sp]
         data = extract_shard([t for _, t in chunk], [i for i, _ in chunk], heldout[s * sp : (s + 1) * sp], backends, cfg, store_dtype)
         write_shard(cache_dir, s, data)
@@ -246,7 +295,15 @@ def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool) -> Act
         bar.update(len(chunk))
         bar.set_postfix(tok_s=f"{n_new / (time.perf_counter() - t0):.0f}")
     bar.close()
+    n_new = dist.sum_int(n_new)  # also waits for every rank's last shard
     elapsed = time.perf_counter() - t0
+    missing = [s for s in range(n_shards) if not shard_is_done(cache_dir, s)]
+    if missing:
+        raise RuntimeError(f"shards {missing[:5]} of {cache_dir} have no done.json after every rank finished: "
+                           "the ranks do not share one output_dir (put it on a filesystem every node mounts)")
+    if not dist.is_main:
+        dist.barrier()  # rank 0 writes the complete manifest
+        return ActivationCache(cache_dir)
 
     counts = {"n_passages": 0, "n_tokens_a": 0, "n_tokens_b": 0, "n_pairs": 0}
     for s in range(n_shards):
@@ -265,7 +322,9 @@ def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool) -> Act
         f"{counts['n_tokens_a']} tokens A, {counts['n_tokens_b']} tokens B, {counts['n_pairs']} anchor pairs; "
         f"pairing rate {counts['pairing_rate']:.3f} (A {counts['pairing_rate_a']:.3f}, B {counts['pairing_rate_b']:.3f}); "
         + (f"{n_new / elapsed:.0f} tokens/s (both models, {elapsed:.1f} s) -> {cache_dir}" if n_new else f"-> {cache_dir}")
+        + (f" [{dist.world_size} ranks]" if dist.enabled else "")
     )
+    dist.barrier()
     return ActivationCache(cache_dir)
 
 
@@ -298,18 +357,21 @@ def random_init_like(backend: Backend, seed: int) -> Backend:
     return out
 
 
-def extract_random_floor(cfg: RunConfig, backends: dict[str, Backend], cache: ActivationCache, progress: bool = True) -> ActivationCache:
+def extract_random_floor(cfg: RunConfig, backends: dict[str, Backend], cache: ActivationCache, progress: bool = True,
+                         dist: Dist | None = None) -> ActivationCache:
     """Write `cache_random/`: random-weights B states at exactly the main cache's B tokens.
 
     Token index and anchors are copied from the main cache, so every anchor pairs the same characters;
-    a tokenization that differs from the main cache's is refused.
+    a tokenization that differs from the main cache's is refused. Shards are dealt to ranks like the
+    main cache's.
     """
+    dist = dist or Dist()
     out = cfg.run_dir / RANDOM_CACHE
     key = _floor_key(cfg, cache)
     old = read_json(out / "manifest.json", "random-floor manifest") if (out / "manifest.json").is_file() else None
     if _floor_is_current(cfg, cache):
         return ActivationCache(out)
-    if old is not None and old.get("key") != key:  # made for an older main cache: redo every shard
+    if old is not None and old.get("key") != key and dist.is_main:  # made for an older main cache: redo every shard
         for s in range(int(old.get("n_shards", 0))):
             marker = shard_dir(out, s) / "done.json"
             marker.unlink(missing_ok=True)
@@ -318,17 +380,22 @@ def extract_random_floor(cfg: RunConfig, backends: dict[str, Backend], cache: Ac
     manifest.update(key=key, complete=False)
     manifest["models"]["a"]["layers"] = []  # only B's states are stored; A's token index rides along for the splits
     manifest["models"]["b"].update(name=backend.name, source=backend.info)
-    write_manifest(out, manifest)
+    if dist.is_main:
+        write_manifest(out, manifest)
+    dist.barrier()  # stale markers are gone before any rank lists what to do
     texts = cache.passage_texts()
     layers = cfg.model_b.layers
     todo = [s for s in range(cache.n_shards) if not shard_is_done(out, s)]
-    for s in tqdm(todo, desc="extract random-init B", disable=not progress):
+    dist.barrier()  # all ranks agree on `todo` before any rank writes a shard
+    amp = autocast_dtype(cfg, backend)
+    for s in tqdm(todo[dist.rank :: dist.world_size], desc="extract random-init B", disable=not (progress and dist.is_main)):
         src = shard_dir(cache.dir, s)
         tok_a, tok_b = load_npy(src / "a.tokens.npy", mmap=False), load_npy(src / "b.tokens.npy", mmap=False)
         pids = list(dict.fromkeys(tok_b[:, 0].tolist()))  # passage order as stored
         acts = {layer: [] for layer in layers}
         got = []
-        for rows, states in content_states(backend, [texts[p] for p in pids], cfg.model_b.max_ctx, layers, cfg.extract.batch_size):
+        for rows, states in content_states(backend, [texts[p] for p in pids], cfg.model_b.max_ctx, layers,
+                                           cfg.extract.batch_size, amp):
             got.append(rows[:, 3])
             for layer in layers:
                 acts[layer].append(states[layer].cpu().numpy())
@@ -340,9 +407,12 @@ def extract_random_floor(cfg: RunConfig, backends: dict[str, Backend], cache: Ac
             acts={"a": {}, "b": {layer: np.concatenate(v).astype(dtype) for layer, v in acts.items()}},
             anchors=load_npy(src / "anchors.npy", mmap=False),
         ))
-    manifest["complete"] = True
-    write_manifest(out, manifest)
-    print(f"[crossdict] extract: random-init floor for {cfg.model_b.name} layers {layers} -> {out}")
+    dist.barrier()  # every rank's shards are written
+    if dist.is_main:
+        manifest["complete"] = True
+        write_manifest(out, manifest)
+        print(f"[crossdict] extract: random-init floor for {cfg.model_b.name} layers {layers} -> {out}")
+    dist.barrier()
     return ActivationCache(out)
 
 
@@ -370,7 +440,8 @@ def extract_layer_sweep(cfg: RunConfig, backends: dict[str, Backend], cache: Act
     per_model = {}
     for k, backend in backends.items():
         layers = list(range(backend.n_layers))
-        per_model[k] = list(content_states(backend, [texts[p] for p in chosen], cfg.model(k).max_ctx, layers, cfg.extract.batch_size))
+        per_model[k] = list(content_states(backend, [texts[p] for p in chosen], cfg.model(k).max_ctx, layers,
+                                           cfg.extract.batch_size, autocast_dtype(cfg, backend)))
     xs = {"a": [], "b": []}
     pid_rows = []
     for i, pid in enumerate(chosen):

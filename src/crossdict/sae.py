@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -77,6 +77,32 @@ class SAESpec:
             raise ValueError(f"SAE aux_k must be >= 1 and aux_coefficient >= 0, got {self.aux_k}, {self.aux_coefficient}")
         if not (self.input_scale > 0 and self.input_scale < float("inf")):
             raise ValueError(f"SAE input_scale must be a positive finite number, got {self.input_scale}")
+
+
+class Reduce(Protocol):
+    """Global-batch reductions when each data-parallel rank holds an equal slice of the batch
+    (`distributed.BatchReduce`); `None` everywhere below means the batch is all here."""
+
+    world_size: int
+
+    def sum(self, t: Tensor) -> Tensor: ...
+
+    def min(self, t: Tensor) -> Tensor: ...
+
+    def cat(self, t: Tensor) -> Tensor: ...
+
+
+def _sq_about_mean(t: Tensor, reduce: Reduce | None) -> Tensor:
+    """Sum of squared deviations of the rows of `t` `[n, d]` from their mean, over the global batch."""
+    if reduce is None:
+        return (t - t.mean(0)).pow(2).sum()
+    mean = reduce.sum(t.sum(0)) / (t.shape[0] * reduce.world_size)
+    return reduce.sum((t - mean).pow(2).sum())
+
+
+def _row_mean(v: Tensor, reduce: Reduce | None) -> Tensor:
+    """Mean of per-row values `[n]`; with `reduce`, this rank's share of the global-batch mean."""
+    return v.mean() if reduce is None else v.sum() / (v.shape[0] * reduce.world_size)
 
 
 class ForwardOutput(NamedTuple):
@@ -254,7 +280,7 @@ class SAE(nn.Module):
         """decode(encode(x)), for splicing into a model: raw `[..., d_in]` -> raw `[..., d_in]`."""
         return self.decode(self.encode(x))
 
-    def _select(self, pre: Tensor, train: bool) -> tuple[Tensor, Tensor | None]:
+    def _select(self, pre: Tensor, train: bool, reduce: Reduce | None = None) -> tuple[Tensor, Tensor | None]:
         """(Batch)TopK selection on no-grad pre-activations: indices `[n, m]`, keep mask `[n, m]` or None."""
         k = self.spec.k
         if self.spec.architecture == "topk":
@@ -263,44 +289,55 @@ class SAE(nn.Module):
         vals, idx = pre.topk(m, dim=-1, sorted=False)
         if train:
             # BatchTopK (Bussmann et al. 2024): keep the k*n largest over the whole batch.
-            thr = vals.flatten().topk(k * pre.shape[0], sorted=False).values.min()
+            pool = vals if reduce is None else reduce.cat(vals)  # the whole batch's candidates, in rank order
+            thr = pool.flatten().topk(k * pool.shape[0], sorted=False).values.min()
             keep = (vals >= thr) & (vals > 0)
-            if keep.any():
-                lr = 0.01  # SAELens topk_threshold_lr: EMA of the smallest kept activation
-                self.threshold.mul_(1 - lr).add_(lr * vals[keep].min().double())
+            lr = 0.01  # SAELens topk_threshold_lr: EMA of the smallest kept activation
+            if reduce is None:
+                if keep.any():
+                    self.threshold.mul_(1 - lr).add_(lr * vals[keep].min().double())
+            else:
+                smallest = reduce.min(vals[keep].min() if keep.any() else vals.new_tensor(float("inf")))
+                if torch.isfinite(smallest):
+                    self.threshold.mul_(1 - lr).add_(lr * smallest.double())
         else:
             keep = vals > self.threshold.to(vals.dtype)
         return idx, keep
 
     # -- training forward ------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, dead_mask: Tensor | None = None, l1_scale: float = 1.0) -> ForwardOutput:
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None, l1_scale: float = 1.0,
+                reduce: Reduce | None = None) -> ForwardOutput:
         """Reconstruct raw `x` `[n, d_in]` and compute the loss terms.
 
         dead_mask `[d_sae]` bool: latents eligible for the AuxK loss (TopK/BatchTopK).
         l1_scale: warm-up factor in [0, 1] applied to the L1 coefficient.
+        reduce: `x` is one data-parallel rank's slice of the batch; batch statistics are global, and
+        the scalar outputs are this rank's share (summed over ranks they are the whole batch's values,
+        so summed gradients equal the single-process gradient).
         """
         x = x.to(self.W_enc.dtype)
         target = x * self.spec.input_scale  # scaled space
         sae_in = target - self.b_dec
+        n_rows = x.shape[0] * (1 if reduce is None else reduce.world_size)
         # Total variance about the batch mean; FVU = SSE / this (Gao et al. 2024 normalised MSE).
-        total_var = (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = _sq_about_mean(target, reduce).clamp_min(1e-12)
         zero = x.new_zeros(())
         if self.spec.architecture == "l1":
             codes = F.linear(sae_in, self.W_enc, self.b_enc).relu()
             out = codes @ self.W_dec + self.b_dec
             err = (out - target).pow(2).sum()
-            mse = err / x.shape[0]
+            mse = err / n_rows
             # Anthropic April 2024: penalise f_i * ||W_dec,i|| so shrinking rows cannot cheat the L1.
-            l1 = (codes * self.W_dec.norm(dim=1)).sum(-1).mean()
+            l1 = _row_mean((codes * self.W_dec.norm(dim=1)).sum(-1), reduce)
             loss = mse + self.spec.l1_coefficient * l1_scale * l1
-            l0 = (codes > 0).sum(-1).float().mean()
+            l0 = _row_mean((codes > 0).sum(-1).float(), reduce)
             return ForwardOutput(out / self.spec.input_scale, codes, None, err / total_var, mse, l1, zero, l0, loss)
 
         train = self.training and torch.is_grad_enabled()
         with torch.no_grad():
             pre = F.linear(sae_in, self.W_enc, self.b_enc)
-            idx, keep = self._select(pre, train)
+            idx, keep = self._select(pre, train, reduce)
             n_dead = int(dead_mask.sum()) if train and dead_mask is not None else 0
             if n_dead:
                 # AuxK (Gao et al. 2024 §A.2): the top aux_k *dead* latents model the residual error.
@@ -322,10 +359,10 @@ class SAE(nn.Module):
             aux_acts = _SparseEncode.apply(sae_in, self.W_enc[dead_ids], self.b_enc[dead_ids], aux_idx, pre_dead).relu()
             e_hat = _SparseDecode.apply(aux_idx, aux_acts, self.W_dec[dead_ids])  # no bias: b_dec is in resid
             scale = min(n_dead / self.spec.aux_k, 1.0)  # fewer dead latents -> smaller loss (sparsify)
-            auxk = scale * (e_hat - resid).pow(2).sum() / (resid - resid.mean(0)).pow(2).sum().clamp_min(1e-12)
+            auxk = scale * (e_hat - resid).pow(2).sum() / _sq_about_mean(resid, reduce).clamp_min(1e-12)
         loss = fvu + self.spec.aux_coefficient * auxk
-        l0 = (acts > 0).sum(-1).float().mean()
-        return ForwardOutput(out / self.spec.input_scale, acts, idx, fvu, err / x.shape[0], zero, auxk, l0, loss)
+        l0 = _row_mean((acts > 0).sum(-1).float(), reduce)
+        return ForwardOutput(out / self.spec.input_scale, acts, idx, fvu, err / n_rows, zero, auxk, l0, loss)
 
     # -- decoder constraint (sparsify) -------------------------------------------------------------
 

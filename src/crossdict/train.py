@@ -12,6 +12,12 @@ Training is deterministic on CPU for a given seed: batch b of the run is a pure 
 (weights, Adam moments, dead-latent counters, the torch RNG), so `resume=True` reproduces an
 uninterrupted run bit for bit. Checkpoints are one safetensors file (tensors + a JSON header),
 written atomically; no pickles anywhere.
+
+Under torchrun (see `distributed`) training is data-parallel: every rank draws the same global
+batch indices, takes its equal slice, and DDP sums the gradients; the SAE loss uses global batch
+statistics, so the update equals the single-process one up to float summation order. With
+`distribute_modules` each rank instead trains whole SAEs (one layer per rank, like sparsify's
+`--distribute_modules`), bit-identical to training them alone.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -37,8 +44,9 @@ from tqdm.auto import tqdm
 from .backend import Backend, Batch
 from .cache import ActivationCache, hook_name
 from .config import RunConfig, SAEConfig
+from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
 from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
-from .utils import atomic_path, atomic_write_json, atomic_write_text, read_json
+from .utils import atomic_path, atomic_write_json, atomic_write_text, read_json, resolve_device
 
 CKPT_FILE = "checkpoint.safetensors"
 CKPT_FORMAT = "crossdict-sae-checkpoint"
@@ -172,12 +180,13 @@ def lr_at(step: int, n_steps: int, cfg: SAEConfig) -> float:
 
 
 def _save_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer, since_fired: torch.Tensor, header: dict) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in sae.state_dict().items()}
+    # .cpu(): a no-op on CPU, and a GPU run's checkpoint resumes anywhere.
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     opt_state = opt.state_dict()
     for i, st in opt_state["state"].items():
         for k, v in st.items():
-            tensors[f"opt.{i}.{k}"] = v.detach().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-    tensors["tokens_since_fired"] = since_fired
+            tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    tensors["tokens_since_fired"] = since_fired.cpu()
     tensors["rng.torch"] = torch.get_rng_state()
     header = {**header, "param_groups": opt_state["param_groups"]}
     with atomic_path(path) as tmp:
@@ -215,9 +224,9 @@ def _restore(sae: SAE, opt: torch.optim.Optimizer, header: dict, tensors: dict[s
             if k.startswith("opt."):
                 _, i, name = k.split(".", 2)
                 state.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        opt.load_state_dict({"state": state, "param_groups": header["param_groups"]})  # moves state to the params' device
         torch.set_rng_state(tensors["rng.torch"])
-        return tensors["tokens_since_fired"].clone()
+        return tensors["tokens_since_fired"].clone().to(sae.W_dec.device)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this SAE: {e}") from None
 
@@ -244,11 +253,14 @@ def train_sae(
     progress: bool = True,
     metadata: dict | None = None,
     max_steps: int | None = None,
+    dist: Dist = SINGLE,
 ) -> SAE:
     """Train one SAE on `acts[rows]` and save it to `out_dir` (SAELens format + crossdict.json).
 
     Never holds more than two batches of activations in RAM. `max_steps` stops early after
     checkpointing at that step, without saving a final SAE (time-boxed runs; tests of resume).
+    With `dist` in a process group, every rank calls this with the same arguments: each trains on
+    its slice of every batch (DDP), rank 0 writes the files, and all return the same SAE.
     """
     out_dir = Path(out_dir)
     rows = np.asarray(rows, dtype=np.int64)
@@ -256,6 +268,7 @@ def train_sae(
     validate_sae_config(sae_cfg, d_in, len(rows))
     n_steps = sae_cfg.train_tokens // sae_cfg.batch_size
     B = sae_cfg.batch_size
+    lo, hi = _batch_slice(B, dist)
     ckpt_path = out_dir / CKPT_FILE
     expect = {"format": CKPT_FORMAT, "sae_config": _config_dict(sae_cfg), "seed": seed, "d_in": d_in,
               "n_rows": len(rows), "rows_digest": _rows_digest(rows)}
@@ -268,8 +281,10 @@ def train_sae(
     sae.reset_parameters(gen)
     with torch.no_grad():  # b_dec at the data mean (Gao et al. 2024 §A.1 use the geometric median)
         sae.b_dec.copy_(torch.from_numpy(mean))
-    opt = torch.optim.Adam(sae.parameters(), lr=sae_cfg.lr)
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.int64)
+    device = dist.device
+    sae.to(device)  # initialised on the CPU generator first, so every device starts from the same weights
+    opt = torch.optim.Adam(sae.parameters(), lr=sae_cfg.lr)  # fp32 master weights and moments, on any device
+    since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
     start, log = 0, []
     if resume and ckpt_path.is_file():
         try:
@@ -277,35 +292,43 @@ def train_sae(
         except StaleCheckpointError as e:
             if resume != "auto":  # `crossdict run` resumes what it can and restarts what changed
                 raise
-            print(f"[crossdict] train: {e.args[0].split(';')[0]}; training this SAE from the start")
+            if dist.is_main:
+                print(f"[crossdict] train: {e.args[0].split(';')[0]}; training this SAE from the start")
             header = None
         if header is not None:
             since_fired = _restore(sae, opt, header, tensors, ckpt_path)
             start = int(header["step"])
             log = [r for r in _read_log(out_dir / LOG_FILE) if r["step"] < start]
 
+    reduce = BatchReduce() if dist.enabled else None
+    # DDP averages gradients over ranks; each rank's loss is its share of the global loss, so scale by
+    # the world size to get the sum. broadcast_buffers off: the BatchTopK threshold stays in sync by
+    # construction (every rank applies the same global update).
+    model = sae if reduce is None else _ddp(sae, device)
+    grad_scale = 1 if reduce is None else dist.world_size
     stream = BatchStream(rows, B, seed)
     stop = n_steps if max_steps is None else min(n_steps, max_steps)
-    pbar = tqdm(total=n_steps, initial=start, disable=not progress, desc=f"SAE {sae_cfg.architecture} {out_dir.name}",
-                dynamic_ncols=True)
+    pbar = tqdm(total=n_steps, initial=start, disable=not (progress and dist.is_main),
+                desc=f"SAE {sae_cfg.architecture} {out_dir.name}", dynamic_ncols=True)
+    take = lambda step: acts.take(stream(step)[lo:hi])  # noqa: E731  (this rank's slice of batch `step`)
     sae.train()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(acts.take, stream(start)) if start < stop else None
+        nxt = pool.submit(take, start) if start < stop else None
         for step in range(start, stop):
             x_np = nxt.result()
-            nxt = pool.submit(acts.take, stream(step + 1)) if step + 1 < stop else None
+            nxt = pool.submit(take, step + 1) if step + 1 < stop else None
             _check_finite(x_np, f"training step {step}")
-            x = torch.from_numpy(x_np)
+            x = torch.from_numpy(x_np).to(device, non_blocking=True)
             lr = lr_at(step, n_steps, sae_cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             l1_scale = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps > 0 else 1.0
             dead = since_fired >= sae_cfg.dead_tokens_threshold
-            out = sae(x, dead_mask=dead, l1_scale=l1_scale)
+            out = model(x, dead_mask=dead, l1_scale=l1_scale, **({} if reduce is None else {"reduce": reduce}))
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(f"training step {step}: loss became {out.loss.item()} (lr {lr:g}); "
                                          "lower sae.lr or check the activations")
-            out.loss.backward()
+            (out.loss if grad_scale == 1 else out.loss * grad_scale).backward()  # DDP all-reduces here
             sae.remove_gradient_parallel_to_decoder_directions()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -313,26 +336,55 @@ def train_sae(
             with torch.no_grad():
                 since_fired += B
                 fired = out.latent_indices[out.latent_acts > 0] if out.latent_indices is not None else (out.latent_acts > 0).any(0).nonzero().squeeze(1)
+                if reduce is not None:  # a latent is alive if it fired on any rank's slice
+                    hit = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
+                    hit[fired] = 1
+                    fired = reduce.sum(hit).nonzero().squeeze(1)
                 since_fired[fired] = 0
             if step % LOG_EVERY == 0 or step == n_steps - 1:
-                rec = {"step": step, "tokens": (step + 1) * B, "fvu": round(out.fvu.item(), 6), "l0": round(out.l0.item(), 3),
-                       "dead_frac": round(dead.float().mean().item(), 6), "lr": lr, "loss": round(out.loss.item(), 6),
-                       "auxk_loss": round(out.auxk_loss.item(), 6), "l1_loss": round(out.l1_loss.item(), 6)}
+                terms = {"fvu": out.fvu, "l0": out.l0, "loss": out.loss, "auxk_loss": out.auxk_loss, "l1_loss": out.l1_loss}
+                if reduce is not None:  # per-rank shares -> whole-batch values
+                    terms = {k: reduce.sum(v) for k, v in terms.items()}
+                rec = {"step": step, "tokens": (step + 1) * B, "fvu": round(terms["fvu"].item(), 6), "l0": round(terms["l0"].item(), 3),
+                       "dead_frac": round(dead.float().mean().item(), 6), "lr": lr, "loss": round(terms["loss"].item(), 6),
+                       "auxk_loss": round(terms["auxk_loss"].item(), 6), "l1_loss": round(terms["l1_loss"].item(), 6)}
                 log.append(rec)
                 pbar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.2f}")
             pbar.update(1)
             done = step + 1
-            if done < n_steps and (done % sae_cfg.checkpoint_every == 0 or done == stop):
+            if done < n_steps and (done % sae_cfg.checkpoint_every == 0 or done == stop) and dist.is_main:
                 _save_checkpoint(ckpt_path, sae, opt, since_fired, {**expect, "step": done, "n_steps": n_steps})
                 _write_log(out_dir / LOG_FILE, log)
     pbar.close()
     if stop < n_steps:
+        dist.barrier()  # the checkpoint exists before any rank moves on
         return sae
     sae.eval()
-    save_sae(sae, out_dir)
-    _write_log(out_dir / LOG_FILE, log)
-    ckpt_path.unlink(missing_ok=True)  # the final SAE supersedes it
+    if dist.is_main:
+        save_sae(sae, out_dir)
+        _write_log(out_dir / LOG_FILE, log)
+        ckpt_path.unlink(missing_ok=True)  # the final SAE supersedes it
+    dist.barrier()
     return sae
+
+
+def _ddp(sae: SAE, device: torch.device) -> torch.nn.Module:
+    """Wrap for data-parallel training; buffers are synced once at init, not every forward."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}  # renamed in newer torch
+    return DDP(sae, device_ids=[device] if device.type == "cuda" else None, **no_sync)
+
+
+def _batch_slice(batch_size: int, dist: Dist) -> tuple[int, int]:
+    """Rows [lo, hi) of each global batch that this rank trains on; equal slices, or a clear refusal."""
+    W = dist.world_size
+    if batch_size % W:
+        raise DistributedConfigError(
+            f"sae.batch_size={batch_size} does not split evenly over {W} ranks; set sae.batch_size to a multiple "
+            f"of {W} (e.g. {batch_size // W * W or W}) or launch with a world size that divides it")
+    b = batch_size // W
+    return dist.rank * b, (dist.rank + 1) * b
 
 
 def _write_log(path: Path, log: list[dict]) -> None:
@@ -393,12 +445,13 @@ def evaluate_sae(sae: SAE, acts: Rows, rows: np.ndarray, block_rows: int = 4096)
         raise ValueError("no held-out rows to evaluate on")
     sae.eval()
     n, sse, m2, l0_sum = 0, 0.0, 0.0, 0.0
-    mean = torch.zeros(sae.d_in, dtype=torch.float64)
-    fires = torch.zeros(sae.d_sae, dtype=torch.int64)
+    device = sae.W_enc.device
+    mean = torch.zeros(sae.d_in, dtype=torch.float64, device=device)
+    fires = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
     for s in range(0, len(rows), block_rows):
         x_np = acts.take(rows[s : s + block_rows])
         _check_finite(x_np, f"evaluation block at held-out row {s}")
-        x = torch.from_numpy(x_np)
+        x = torch.from_numpy(x_np).to(device)
         codes = sae.encode(x)
         x_hat = sae.decode(codes)
         sse += float((x_hat - x).double().pow(2).sum())
@@ -521,63 +574,106 @@ def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
 
 
 def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = False,
-              backends: dict | None = None, progress: bool = True, lm_texts: list[str] | None = None) -> list[dict]:
+              backends: dict | None = None, progress: bool = True, lm_texts: list[str] | None = None,
+              dist: Dist | None = None, distribute_modules: bool = False) -> list[dict]:
     """Train, save and evaluate every configured (model, layer, seed) SAE; write `report/sae_metrics.csv`.
 
     SAEs whose directory is complete and whose saved fingerprint (SAE config, seed, model, layer,
     cache manifest) matches are reused, not retrained. Without `backends` the LM-loss columns stay
     empty; with them, the LM loss is measured on `lm_texts` (default: the first `sae.lm_eval_passages` held-out corpus
     passages, via `crossdict.corpus`).
+
+    `dist` (from `distributed.init_dist`): every SAE is trained data-parallel over all ranks, or,
+    with `distribute_modules`, SAE j is trained whole by rank j % world_size. Rank 0 writes the CSV.
     """
+    dist = dist or Dist(device=resolve_device(cfg.device))
+    if dist.enabled:
+        check_same_config(dist, cfg.to_dict())
     cache = ActivationCache(cfg.cache_dir)
     seeds = list(seeds if seeds is not None else cfg.sae.seeds)
-    results = []
-    lm_batches: dict[str, list[Batch]] = {}
-    clean_loss: dict[str, float] = {}  # per model: the same batches give the same clean loss at every layer
+    jobs = [(key, layer, seed) for key in ("a", "b") for layer in cfg.model(key).layers for seed in seeds]
     for key in ("a", "b"):
-        d_model = cache.d_model(key)
-        train_rows, held_rows = cache.rows(key, "train"), cache.rows(key, "heldout")
-        validate_sae_config(cfg.sae, d_model, len(train_rows))
-        for layer in cfg.model(key).layers:
-            acts = cache.acts(key, layer)
-            if acts.shape[1] != d_model:
-                raise ValueError(f"activation cache {cfg.cache_dir}: manifest says model {key} "
-                                 f"({cfg.model(key).name}) has d_model={d_model}, but {hook_name(layer)} has "
-                                 f"{acts.shape[1]} columns; re-extract the cache")
-            max_norm = massive_activation_threshold(acts, train_rows, cfg.sae.max_norm_ratio)
-            layer_train, layer_held = drop_massive(acts, train_rows, max_norm), drop_massive(acts, held_rows, max_norm)
-            for seed in seeds:
-                out_dir = cfg.sae_dir(key, layer, seed)
-                fp = _fingerprint(cfg, cache, key, layer, seed)
-                t0 = time.perf_counter()
-                metrics = _reusable_metrics(out_dir, fp)
-                if metrics is None:
-                    meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
-                            "context_size": cfg.model(key).max_ctx, "fingerprint": fp, "max_norm": max_norm}
-                    if backends is not None:
-                        meta["prepend_bos"] = bool(backends[key].has_bos)
-                    sae = train_sae(acts, layer_train, cfg.sae, seed, out_dir, resume, progress, metadata=meta)
-                    metrics = evaluate_sae(sae, acts, layer_held)
-                    metrics["train_wall_s"] = time.perf_counter() - t0
-                    metrics["excluded_frac"] = 1.0 - len(layer_train) / len(train_rows)
-                    atomic_write_json(out_dir / METRICS_FILE, metrics)
-                if backends is not None and metrics.get("lm_eval_passages") != cfg.sae.lm_eval_passages:
-                    sae = load_sae(out_dir)
-                    if key not in lm_batches:
-                        lm_batches[key] = _lm_batches(cfg, key, backends[key], lm_texts)
-                    batches = lm_batches[key]
-                    metrics.update(lm_loss_recovered(backends[key], sae, layer, batches, clean_loss.get(key), max_norm))
-                    metrics["lm_eval_passages"] = cfg.sae.lm_eval_passages
-                    clean_loss[key] = metrics["loss_clean"]
-                    atomic_write_json(out_dir / METRICS_FILE, metrics)
-                row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
-                       "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
-                       "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
-                       "wall_s": round(metrics.get("train_wall_s", time.perf_counter() - t0), 2)}
-                row.update({c: metrics.get(c, "") for c in CSV_COLUMNS if c not in row})
-                results.append(row)
-    _write_csv(cfg.report_dir / "sae_metrics.csv", results)
-    return results
+        validate_sae_config(cfg.sae, cache.d_model(key), len(cache.rows(key, "train")))
+    if distribute_modules:
+        split_work(len(jobs), dist, "SAEs to train (models x layers x seeds)",
+                   "drop --distribute-modules to train each SAE data-parallel over all ranks")
+        mine, job_dist = range(dist.rank, len(jobs), dist.world_size), local(dist)
+    else:
+        mine, job_dist = range(len(jobs)), dist
+    if dist.enabled and dist.is_main:
+        how = "whole SAEs dealt to" if distribute_modules else "each data-parallel over"
+        print(f"[crossdict] train: {len(jobs)} SAEs, {how} {dist.world_size} ranks")
+    results: dict[int, dict] = {}
+    layer_data: dict[tuple[str, int], tuple] = {}
+    lm = {"batches": {}, "clean": {}}  # per model: the same batches give the same clean loss at every layer
+    for j in mine:
+        key, layer, seed = jobs[j]
+        if (key, layer) not in layer_data:  # one layer's row lists in memory at a time
+            layer_data = {(key, layer): _layer_rows(cfg, cache, key, layer)}
+        results[j] = _train_one(cfg, cache, key, layer, seed, layer_data[(key, layer)], resume, backends, progress,
+                                lm_texts, lm, job_dist)
+    if distribute_modules and dist.enabled:
+        gathered = dist.all_gather_object({str(j): r for j, r in results.items()})
+        results = {int(j): r for part in gathered for j, r in part.items()}
+    rows = [results[j] for j in range(len(jobs))]
+    if dist.is_main:
+        _write_csv(cfg.report_dir / "sae_metrics.csv", rows)
+    dist.barrier()
+    return rows
+
+
+def _layer_rows(cfg: RunConfig, cache: ActivationCache, key: str, layer: int) -> tuple:
+    """(acts, max_norm, train rows, held-out rows) of one cached layer, massive activations left out."""
+    d_model = cache.d_model(key)
+    acts = cache.acts(key, layer)
+    if acts.shape[1] != d_model:
+        raise ValueError(f"activation cache {cfg.cache_dir}: manifest says model {key} "
+                         f"({cfg.model(key).name}) has d_model={d_model}, but {hook_name(layer)} has "
+                         f"{acts.shape[1]} columns; re-extract the cache")
+    train_rows, held_rows = cache.rows(key, "train"), cache.rows(key, "heldout")
+    max_norm = massive_activation_threshold(acts, train_rows, cfg.sae.max_norm_ratio)
+    return acts, max_norm, train_rows, drop_massive(acts, train_rows, max_norm), drop_massive(acts, held_rows, max_norm)
+
+
+def _train_one(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data: tuple,
+               resume: bool | str, backends: dict | None, progress: bool, lm_texts: list[str] | None, lm: dict,
+               dist: Dist) -> dict:
+    """Train (or reuse), evaluate and describe one SAE; the CSV row. Rank 0 of `dist` evaluates and writes."""
+    acts, max_norm, train_rows, layer_train, layer_held = data
+    d_model = cache.d_model(key)
+    out_dir = cfg.sae_dir(key, layer, seed)
+    fp = _fingerprint(cfg, cache, key, layer, seed)
+    t0 = time.perf_counter()
+    # Rank 0 decides, so no rank reads files another is about to write.
+    metrics = dist.broadcast_object(_reusable_metrics(out_dir, fp) if dist.is_main else None)
+    if metrics is None:
+        meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
+                "context_size": cfg.model(key).max_ctx, "fingerprint": fp, "max_norm": max_norm}
+        if backends is not None:
+            meta["prepend_bos"] = bool(backends[key].has_bos)
+        sae = train_sae(acts, layer_train, cfg.sae, seed, out_dir, resume, progress, metadata=meta, dist=dist)
+        if dist.is_main:
+            metrics = evaluate_sae(sae, acts, layer_held)
+            metrics["train_wall_s"] = time.perf_counter() - t0
+            metrics["excluded_frac"] = 1.0 - len(layer_train) / len(train_rows)
+            atomic_write_json(out_dir / METRICS_FILE, metrics)
+        metrics = dist.broadcast_object(metrics)
+    if backends is not None and metrics.get("lm_eval_passages") != cfg.sae.lm_eval_passages:
+        if dist.is_main:
+            sae = load_sae(out_dir, device=getattr(backends[key], "device", "cpu"))
+            if key not in lm["batches"]:
+                lm["batches"][key] = _lm_batches(cfg, key, backends[key], lm_texts)
+            metrics.update(lm_loss_recovered(backends[key], sae, layer, lm["batches"][key], lm["clean"].get(key), max_norm))
+            metrics["lm_eval_passages"] = cfg.sae.lm_eval_passages
+            lm["clean"][key] = metrics["loss_clean"]
+            atomic_write_json(out_dir / METRICS_FILE, metrics)
+        metrics = dist.broadcast_object(metrics)
+    row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
+           "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
+           "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
+           "wall_s": round(metrics.get("train_wall_s", time.perf_counter() - t0), 2)}
+    row.update({c: metrics.get(c, "") for c in CSV_COLUMNS if c not in row})
+    return row
 
 
 def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
