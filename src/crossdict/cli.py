@@ -3,6 +3,7 @@
     crossdict extract   --config configs/embedded.yaml     text -> activations (+ anchor pairs)
     crossdict train     --config ... [--seeds 0 1]         activations -> SAEs
     crossdict align     --config ... [--layers 8 15]       SAEs + activations -> maps, matches, metrics
+    crossdict crosscode --config ... [--resume]            activations -> crosscoders (optional stage)
     crossdict report    --config ...                       run files -> report/index.html
     crossdict run       --config ...                       all stages, skipping finished ones
 """
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", help="layers of model A (default: all configured)")
     p.add_argument("--layers-b", type=int, nargs="+", help="paired layers of model B (default: from the config)")
 
+    p = sub.add_parser("crosscode", help="train one crosscoder per layer pair on anchor-paired activations, compare with the SAEs")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
     p = sub.add_parser("report", help="write the self-contained HTML report from the run's files")
     _common(p)
 
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from .align import run_align
 
             run_align(cfg, layers_a=args.layers, layers_b=args.layers_b)
+        elif args.command == "crosscode":
+            from .crosscoder import run_crosscode
+
+            run_crosscode(cfg, resume=args.resume, progress=progress)
         elif args.command == "report":
             from .report import write_report
 
