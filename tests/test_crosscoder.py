@@ -316,3 +316,21 @@ def test_analyse_without_sae_route_leaves_columns_empty():
     assert (cols["class"][:2] == "dead").all() and summary["n_dead"] == 2
     assert np.isnan(cols["dec_cos_mapped"]).all() and (cols["matched_sae_pair"] == -1).all() and np.isnan(summary["agreement"])
     assert sum(summary["r_histogram"]["counts"]) == 10
+
+
+def test_cli_crosscode(tmp_path, capsys):
+    import yaml
+
+    from crossdict.cli import main
+
+    cfg = stage_config(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["crosscode", "--config", str(path), "--no-progress"]) == 1  # no cache yet: a clear error, no traceback
+    assert "crossdict crosscode: error:" in capsys.readouterr().err
+    write_synthetic_cache(cfg.cache_dir)
+    assert main(["crosscode", "--config", str(path), "--no-progress", "--set", "crosscoder.train_tokens=2560"]) == 0
+    summary = json.loads((cfg.report_dir / "crosscoder_summary.json").read_text())
+    assert [(p["layer_a"], p["layer_b"]) for p in summary["pairs"]] == [(1, 2), (3, 4)]
+    assert all(p["train_tokens"] == 2560 for p in summary["pairs"])
+    assert (cfg.run_dir / "crosscoder" / "3_4" / "crosscoder_weights.safetensors").is_file()

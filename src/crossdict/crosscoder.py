@@ -34,6 +34,7 @@ On disk, `runs/<name>/crosscoder/<layer_a>_<layer_b>/`:
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import time
@@ -50,13 +51,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .align import LinearMap, map_dir
 from .cache import ActivationCache, hook_name
 from .config import CrosscoderConfig, RunConfig
-from .sae import _SparseDecode, _SparseEncode
+from .evaluate import write_csv
+from .sae import _SparseDecode, _SparseEncode, load_sae
+from .sae import is_complete as sae_is_complete
 from .train import (CKPT_FORMAT, LOG_EVERY, BatchStream, Rows, StaleCheckpointError, _check_finite, _load_checkpoint,
-                    _read_log, _restore, _rows_digest, _save_checkpoint, _write_log, drop_massive, input_scale_and_mean,
-                    lr_at, massive_activation_threshold)
-from .utils import atomic_path, atomic_write_json, read_json
+                    _read_log, _restore, _rows_digest, _save_checkpoint, _write_log, drop_massive, evaluate_sae,
+                    input_scale_and_mean, lr_at, massive_activation_threshold)
+from .utils import atomic_path, atomic_write_json, stable_hash
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "crosscoder_weights.safetensors"
 CKPT_FILE, LOG_FILE, METRICS_FILE = "checkpoint.safetensors", "training_log.jsonl", "metrics.json"
@@ -768,8 +772,6 @@ def _significant_matches(path: Path, q: float) -> dict[tuple[int, int], set[tupl
     """(layer_a, layer_b) -> significant Hungarian SAE pairs, from feature_matches.csv; None if it is missing."""
     if not path.is_file():
         return None
-    import csv
-
     out: dict[tuple[int, int], set[tuple[int, int]]] = {}
     with path.open() as f:
         for row in csv.DictReader(f):
@@ -786,8 +788,6 @@ def _significant_matches(path: Path, q: float) -> dict[tuple[int, int], set[tupl
 
 def _sae_metrics(cfg: RunConfig) -> dict[tuple[str, int], dict]:
     """(model name, layer) -> the first seed's row of report/sae_metrics.csv."""
-    import csv
-
     path = cfg.report_dir / "sae_metrics.csv"
     if not path.is_file():
         return {}
@@ -797,8 +797,6 @@ def _sae_metrics(cfg: RunConfig) -> dict[tuple[str, int], dict]:
 
 
 def _fingerprint(cfg: RunConfig, cache: ActivationCache, la: int, lb: int, k: int) -> dict:
-    from .utils import stable_hash
-
     return {"crosscoder_config": _config_dict(cfg.crosscoder), "k": k, "layers": [la, lb], "models": [cfg.model_a.name, cfg.model_b.name],
             "max_norm_ratio": cfg.sae.max_norm_ratio, "cache": stable_hash(cache.manifest)}
 
@@ -818,20 +816,39 @@ def _fmt(v: Any) -> Any:
     return f"{v:.6g}" if isinstance(v, (float, np.floating)) else (int(v) if isinstance(v, np.integer) else v)
 
 
+def _sae_comparison(cfg: RunConfig, la: int, lb: int, ho: PairedStreams, sae_rows: dict,
+                    matches: dict | None) -> tuple[SAEContext, dict[str, float]]:
+    """The post-hoc route's pieces for one pair, and the SAEs' held-out FVU on the crosscoder's own rows."""
+    ctx, fvu = SAEContext(), {}
+    streams = (("a", la), ("b", lb))
+    dirs = {key: cfg.sae_dir(key, layer) for key, layer in streams}
+    if all(sae_is_complete(p) for p in dirs.values()):
+        saes = {key: load_sae(p) for key, p in dirs.items()}
+        ctx.dec_a, ctx.dec_b = (saes[key].W_dec.detach().numpy() for key in ("a", "b"))
+        for m, (key, layer) in enumerate(streams):
+            fvu[f"sae_fvu_{key}_same_rows"] = evaluate_sae(saes[key], ho.acts[m], np.unique(ho.rows[:, m]))["fvu"]
+            rep = sae_rows.get((cfg.model(key).name, layer), {})  # as the SAE stage reported it, on all held-out tokens
+            fvu[f"sae_fvu_{key}_report"] = float(rep["fvu"]) if rep.get("fvu") else float("nan")
+            fvu[f"sae_l0_{key}_report"] = float(rep["l0"]) if rep.get("l0") else float("nan")
+        if matches is not None:
+            ctx.sig_pairs = matches.get((la, lb), set())
+    else:
+        print(f"[crossdict] crosscode: no SAEs for A{la}/B{lb} at {dirs['a']} / {dirs['b']}; skipping the SAE comparison")
+    procrustes = map_dir(cfg.run_dir, la, lb) / "procrustes.safetensors"
+    if procrustes.is_file():
+        ctx.rotation = LinearMap.load(procrustes.parent, "procrustes").rotation
+    return ctx, fvu
+
+
 def run_crosscode(cfg: RunConfig, layer_pairs: list[tuple[int, int]] | None = None, resume: bool | str = False,
                   progress: bool = True) -> dict[str, Any]:
     """Train (or reuse) one crosscoder per layer pair, evaluate it, compare it with the SAE route.
 
     Writes `crosscoder/<la>_<lb>/`, `report/crosscoder.csv` (one row per latent) and
     `report/crosscoder_summary.json` (counts, r histogram, FVUs vs the SAEs, agreement); returns the summary
-    as written (missing numbers are None).
+    as written (missing numbers are None). Tokens with massive activations are left out exactly as
+    for the SAEs (same threshold per model and layer), so both are scored on the same rows.
     """
-    from .align import LinearMap, map_dir
-    from .evaluate import write_csv
-    from .sae import is_complete as sae_complete
-    from .sae import load_sae
-    from .train import evaluate_sae
-
     ccfg = cfg.crosscoder
     k = ccfg.k if ccfg.k is not None else cfg.sae.k
     cache = ActivationCache(cfg.cache_dir)
@@ -848,7 +865,8 @@ def run_crosscode(cfg: RunConfig, layer_pairs: list[tuple[int, int]] | None = No
         out_dir = crosscoder_dir(cfg, la, lb)
         tr = streams_from_cache(cache, [("a", la), ("b", lb)], "train")
         ho = streams_from_cache(cache, [("a", la), ("b", lb)], "heldout")
-        max_norms = [massive_activation_threshold(a, np.unique(tr.rows[:, m]), cfg.sae.max_norm_ratio) for m, a in enumerate(tr.acts)]
+        max_norms = [massive_activation_threshold(a, cache.rows(key, "train"), cfg.sae.max_norm_ratio)
+                     for a, key in zip(tr.acts, ("a", "b"))]
         n_tr, n_ho = tr.n, ho.n
         tr, ho = drop_massive_pairs(tr, max_norms), drop_massive_pairs(ho, max_norms)
         fp = _fingerprint(cfg, cache, la, lb, k)
@@ -859,26 +877,7 @@ def run_crosscode(cfg: RunConfig, layer_pairs: list[tuple[int, int]] | None = No
                                   metadata={"fingerprint": fp, "max_norms": max_norms, "layer_a": la, "layer_b": lb})
         ev = evaluate_crosscoder(cc, ho)
         atomic_write_json(out_dir / METRICS_FILE, {k_: v for k_, v in ev.items() if k_ != "freq"})
-
-        ctx = SAEContext()
-        fvu_sae: dict[str, Any] = {}
-        saes = {key: cfg.sae_dir(key, layer) for key, layer in (("a", la), ("b", lb))}
-        if all(sae_complete(p) for p in saes.values()):
-            loaded = {key: load_sae(p) for key, p in saes.items()}
-            ctx.dec_a, ctx.dec_b = (loaded[key].W_dec.detach().numpy() for key in ("a", "b"))
-            for m, (key, layer) in enumerate((("a", la), ("b", lb))):
-                # The SAE on the very rows the crosscoder was scored on, and as the SAE stage reported it.
-                fvu_sae[f"sae_fvu_{key}_same_rows"] = evaluate_sae(loaded[key], ho.acts[m], np.unique(ho.rows[:, m]))["fvu"]
-                rep = sae_rows.get((cfg.model(key).name, layer), {})
-                fvu_sae[f"sae_fvu_{key}_report"] = float(rep["fvu"]) if rep.get("fvu") else float("nan")
-                fvu_sae[f"sae_l0_{key}_report"] = float(rep["l0"]) if rep.get("l0") else float("nan")
-            if matches is not None:
-                ctx.sig_pairs = matches.get((la, lb), set())
-        else:
-            print(f"[crossdict] crosscode: no SAEs for A{la}/B{lb} at {saes['a']} / {saes['b']}; skipping the SAE comparison")
-        procrustes = map_dir(cfg.run_dir, la, lb) / "procrustes.safetensors"
-        if procrustes.is_file():
-            ctx.rotation = LinearMap.load(procrustes.parent, "procrustes").rotation
+        ctx, fvu_sae = _sae_comparison(cfg, la, lb, ho, sae_rows, matches)
         cols, summary = analyse(cc, ev["freq"], ccfg.exclusive_r, ctx, ccfg.agreement_min_cos, seed=cfg.seed)
         summaries.append({
             "layer_a": la, "layer_b": lb, "d_latent": cc.d_latent, "k": cc.spec.k, "architecture": cc.spec.architecture,
@@ -889,15 +888,15 @@ def run_crosscode(cfg: RunConfig, layer_pairs: list[tuple[int, int]] | None = No
             "has_procrustes": ctx.rotation is not None, "has_matches": ctx.sig_pairs is not None,
         })
         rows += [{"layer_a": la, "layer_b": lb, **{c: _fmt(cols[c][i]) for c in CSV_COLUMNS[2:]}} for i in range(cc.d_latent)]
+        nan = float("nan")
         print(f"[crossdict] crosscoder A{la}/B{lb}: {summary['n_shared']} shared, {summary['n_a_only']} A-only, "
-              f"{summary['n_b_only']} B-only, {summary['n_dead']} dead; FVU A {ev['fvu'][f'a:{la}']:.3f} "
-              f"(SAE {fvu_sae.get('sae_fvu_a_same_rows', float('nan')):.3f}), B {ev['fvu'][f'b:{lb}']:.3f} "
-              f"(SAE {fvu_sae.get('sae_fvu_b_same_rows', float('nan')):.3f}) at L0 {ev['l0']:.1f}; agreement with "
+              f"{summary['n_b_only']} B-only, {summary['n_dead']} dead; held-out FVU A {ev['fvu'][f'a:{la}']:.3f} "
+              f"(SAE {fvu_sae.get('sae_fvu_a_same_rows', nan):.3f}), B {ev['fvu'][f'b:{lb}']:.3f} "
+              f"(SAE {fvu_sae.get('sae_fvu_b_same_rows', nan):.3f}) at L0 {ev['l0']:.1f}; agreement with "
               f"matched SAE pairs {summary['agreement']:.3f} (null {summary['agreement_null']:.3f})")
     write_csv(cfg.report_dir / "crosscoder.csv", CSV_COLUMNS, rows)
-    out = {"exclusive_r": ccfg.exclusive_r, "agreement_min_cos": ccfg.agreement_min_cos, "q_threshold": cfg.align.q_threshold,
-           "pairs": summaries}
-    out = _json_safe(out)
+    out = _json_safe({"exclusive_r": ccfg.exclusive_r, "agreement_min_cos": ccfg.agreement_min_cos,
+                      "q_threshold": cfg.align.q_threshold, "pairs": summaries})
     atomic_write_json(cfg.report_dir / SUMMARY_FILE, out)
     return out
 
