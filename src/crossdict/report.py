@@ -280,7 +280,7 @@ def _crosscoder_section(cfg: RunConfig) -> str:
               f"{_f(p.get('fvu_a'))} <span class=null>SAE {_f(p.get('sae_fvu_a_same_rows'))}</span>",
               f"{_f(p.get('fvu_b'))} <span class=null>SAE {_f(p.get('sae_fvu_b_same_rows'))}</span>", _f(p.get("l0"), 1),
               f"{_f(p.get('agreement'))} <span class=null>null {_f(p.get('agreement_null'))}; A-only {_f(p.get('agreement_a_only'))}, "
-              f"B-only {_f(p.get('agreement_b_only'))}</span>", f"{_f(p.get('coverage'))} <span class=null>of {p.get('n_sig_sae_pairs', '–')}</span>",
+              f"B-only {_f(p.get('agreement_b_only'))}</span>", f"{_f(p.get('coverage'))} <span class=null>of {p.get('n_sig_sae_pairs') if p.get('n_sig_sae_pairs') is not None else '–'}</span>",
               f"{_f(p.get('median_dec_cos_mapped_shared'))} <span class=null>A-only {_f(p.get('median_dec_cos_mapped_a_only'))}, "
               f"B-only {_f(p.get('median_dec_cos_mapped_b_only'))}</span>"] for p in pairs]
     head = ["layers", "latents shared / A-only / B-only / dead", "FVU A (held-out)", "FVU B (held-out)", "L0",
