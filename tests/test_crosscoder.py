@@ -334,3 +334,17 @@ def test_cli_crosscode(tmp_path, capsys):
     assert [(p["layer_a"], p["layer_b"]) for p in summary["pairs"]] == [(1, 2), (3, 4)]
     assert all(p["train_tokens"] == 2560 for p in summary["pairs"])
     assert (cfg.run_dir / "crosscoder" / "3_4" / "crosscoder_weights.safetensors").is_file()
+
+
+def test_heldout_fvu_is_whole_set_per_stream_in_any_block_size():
+    cc = tiny_cc()
+    g = np.random.default_rng(5)
+    xa = (g.standard_normal((300, 5)) + 40.0).astype(np.float32)  # a large mean: naive sum-of-squares would cancel
+    xb = (3 * g.standard_normal((300, 7))).astype(np.float32)
+    ps = PairedStreams.from_arrays([xa, xb], ["a:1", "b:2"])
+    x_hat = [t.detach().double().numpy() for t in cc.decode(cc.encode([torch.from_numpy(xa), torch.from_numpy(xb)]))]
+    want = [((h - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum() for h, x in zip(x_hat, (xa.astype(np.float64), xb.astype(np.float64)))]
+    for block in (300, 64, 7):
+        ev = evaluate_crosscoder(cc, ps, block_rows=block)
+        np.testing.assert_allclose([ev["fvu"]["a:1"], ev["fvu"]["b:2"]], want, rtol=1e-5)
+        assert ev["l0"] == pytest.approx(3.0, abs=0.5) and ev["n_pairs"] == 300
