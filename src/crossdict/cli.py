@@ -4,6 +4,7 @@
     crossdict train     --config ... [--seeds 0 1]         activations -> SAEs
     crossdict align     --config ... [--layers 8 15]       SAEs + activations -> maps, matches, metrics
     crossdict transfer  --config ... [--layer 8 --feature_idx 12 --alpha 5]   steer B with A's features, stitch
+    crossdict crosscode --config ... [--resume]            activations -> crosscoders (optional stage)
     crossdict report    --config ...                       run files -> report/index.html
     crossdict run       --config ...                       all stages, skipping finished ones
     crossdict plan      --config ... [--workers 1 8]       cache size and time estimates, before running
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, help="layer of model A (default: every configured pair); B's layer from the config")
     p.add_argument("--feature_idx", "--feature-idx", type=int, help="one feature of A's SAE (default: the top matched ones)")
     p.add_argument("--alpha", type=float, nargs="+", help="injection strengths in units of the feature's typical activation")
+
+    p = sub.add_parser("crosscode", help="train one crosscoder per layer pair on anchor-paired activations, compare with the SAEs")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
 
     p = sub.add_parser("report", help="write the self-contained HTML report from the run's files")
     _common(p)
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.feature_idx is not None and args.layer is None:
                 raise ValueError("--feature_idx needs --layer (the layer of model A whose SAE it indexes)")
             run_transfer(cfg, layer_a=args.layer, feature_idx=args.feature_idx, alphas=args.alpha, progress=progress)
+        elif args.command == "crosscode":
+            from .crosscoder import run_crosscode
+
+            run_crosscode(cfg, resume=args.resume, progress=progress)
         elif args.command == "report":
             from .report import write_report
 

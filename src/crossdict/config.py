@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -156,6 +156,36 @@ class TransferConfig:
 
 
 @dataclass
+class CrosscoderConfig:
+    """Optional stage (issue 9): one crosscoder per configured layer pair over anchor-paired activations."""
+
+    enabled: bool = False
+    """Off by default: `crossdict run` trains crosscoders only when true (`crossdict crosscode` always does)."""
+    architecture: Literal["topk", "l1"] = "topk"
+    expansion_factor: int = 8
+    """Latents = expansion_factor x the larger d_model (one SAE's width, shared by both models)."""
+    k: Optional[int] = None
+    """Active latents per token (TopK); None uses sae.k, so crosscoder and SAEs compare at equal L0."""
+    l1_coefficient: float = 5.0
+    l1_warmup_steps: int = 200
+    aux_k: int = 256
+    aux_coefficient: float = 1 / 32
+    dead_tokens_threshold: int = 100_000
+    lr: float = 4e-4
+    lr_warmup_steps: int = 100
+    lr_decay_fraction: float = 0.2
+    batch_size: int = 4096
+    train_tokens: int = 2_000_000
+    """Anchor pairs seen in training (each pair feeds every model once)."""
+    checkpoint_every: int = 200
+    seed: int = 0
+    exclusive_r: float = 0.1
+    """Relative decoder norm r = |d_A| / (|d_A| + |d_B|) <= this: B-only; >= 1 - this: A-only; else shared."""
+    agreement_min_cos: float = 0.5
+    """A shared latent agrees with a matched SAE pair when its nearest SAE features (decoder cosine >= this) form one."""
+
+
+@dataclass
 class RunConfig:
     model_a: ModelConfig
     model_b: ModelConfig
@@ -168,6 +198,7 @@ class RunConfig:
     sae: SAEConfig = field(default_factory=SAEConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -248,6 +279,8 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "top_strings": (lambda v: v >= 1, "an integer >= 1"),
     "n_patch_features": (lambda v: v >= 0, "an integer >= 0"),
     "n_patch_controls": (lambda v: v >= 1, "an integer >= 1"),
+    "exclusive_r": (lambda v: 0.0 < v < 0.5, "a number strictly between 0 and 0.5"),
+    "agreement_min_cos": (lambda v: -1.0 <= v <= 1.0, "a number in [-1, 1]"),
     "layers": (lambda v: len(v) >= 1 and all(x >= 0 for x in v), "a non-empty list of layer indices >= 0"),
 }
 

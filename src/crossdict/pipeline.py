@@ -125,6 +125,27 @@ def _run_transfer(ctx: Context) -> None:
         run_transfer(ctx.cfg, backends=ctx.backends(), progress=ctx.progress)
 
 
+def _run_crosscoder(ctx: Context) -> None:
+    from .crosscoder import run_crosscode
+
+    run_crosscode(ctx.cfg, resume="auto", progress=ctx.progress)
+
+
+def _crosscoder_stage(cfg: RunConfig) -> list[Stage]:
+    """The optional crosscoder stage (issue 9), only when `crosscoder.enabled`."""
+    if not cfg.crosscoder.enabled:
+        return []
+    from .crosscoder import CFG_FILE, SUMMARY_FILE, WEIGHTS_FILE, crosscoder_dir
+
+    def outputs(c: RunConfig) -> list[Path]:
+        files = [crosscoder_dir(c, la, lb) / f for la, lb in c.layer_pairs for f in (CFG_FILE, WEIGHTS_FILE)]
+        return files + [c.report_dir / f for f in ("crosscoder.csv", SUMMARY_FILE)]
+
+    return [Stage("crosscoder", lambda c: {"crosscoder": asdict(c.crosscoder), "sae_k": c.sae.k, "max_norm_ratio": c.sae.max_norm_ratio,
+                                           "q_threshold": c.align.q_threshold, "layer_pairs": c.layer_pairs, "seed": c.seed},
+                  ("extract", "train", "align"), outputs, _run_crosscoder)]
+
+
 def _run_report(ctx: Context) -> None:
     from .report import write_report
 
@@ -145,8 +166,10 @@ def stages(cfg: RunConfig) -> list[Stage]:
               ("extract", "train"), lambda c: [c.report_dir / f for f in ALIGN_FILES], _run_align),
         Stage("transfer", lambda c: {"transfer": asdict(c.transfer), "seed": c.seed, "q": c.align.q_threshold},
               ("extract", "train", "align"), _transfer_outputs, _run_transfer),
+        *_crosscoder_stage(cfg),
         Stage("report", lambda c: {"report_version": REPORT_VERSION, "run_name": c.run_name},
-              ("extract", "train", "align", "transfer"), lambda c: [c.report_dir / "index.html"], _run_report),
+              ("extract", "train", "align", "transfer", *(("crosscoder",) if cfg.crosscoder.enabled else ())),
+              lambda c: [c.report_dir / "index.html"], _run_report),
     ]
 
 

@@ -250,6 +250,49 @@ def _match_section(cfg: RunConfig, matches: list[dict], seed_matches: list[dict]
             '(dashed line).</p>' + _png(fig) + "</section>")
 
 
+def _crosscoder_section(cfg: RunConfig) -> str:
+    """Crosscoder (issue 9): relative decoder norms, FVU vs the separate SAEs, agreement with SAE matching."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _csv(cfg.report_dir / "crosscoder.csv")
+    path = cfg.report_dir / "crosscoder_summary.json"
+    if not rows or not path.is_file():
+        return ""
+    summary = read_json(path, "crosscoder summary")
+    pairs = summary.get("pairs", [])
+    t = summary.get("exclusive_r", 0.1)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.8 * len(pairs), 2.8), squeeze=False)
+    for ax, p in zip(axes[0], pairs):
+        la, lb = str(p["layer_a"]), str(p["layer_b"])
+        r = {c: [_num(x["r"]) for x in rows if x["layer_a"] == la and x["layer_b"] == lb and x["class"] == c]
+             for c in ("b_only", "shared", "a_only")}
+        ax.hist(list(r.values()), bins=40, range=(0, 1), stacked=True, color=["#4477aa", "#999999", "#ee7733"],
+                label=[f"B only ({len(r['b_only'])})", f"shared ({len(r['shared'])})", f"A only ({len(r['a_only'])})"])
+        for x in (t, 1 - t):
+            ax.axvline(x, color="k", lw=0.6, ls=":")
+        ax.set(title=f"A{la} ↔ B{lb}", xlabel="relative decoder norm r = |d_A| / (|d_A| + |d_B|)", ylabel="latents")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6)
+    table = [[f"A{p['layer_a']} ↔ B{p['layer_b']}", f"{p.get('n_shared')} / {p.get('n_a_only')} / {p.get('n_b_only')} / {p.get('n_dead')}",
+              f"{_f(p.get('fvu_a'))} <span class=null>SAE {_f(p.get('sae_fvu_a_same_rows'))}</span>",
+              f"{_f(p.get('fvu_b'))} <span class=null>SAE {_f(p.get('sae_fvu_b_same_rows'))}</span>", _f(p.get("l0"), 1),
+              f"{_f(p.get('agreement'))} <span class=null>null {_f(p.get('agreement_null'))}; A-only {_f(p.get('agreement_a_only'))}, "
+              f"B-only {_f(p.get('agreement_b_only'))}</span>", f"{_f(p.get('coverage'))} <span class=null>of {p.get('n_sig_sae_pairs') if p.get('n_sig_sae_pairs') is not None else '–'}</span>",
+              f"{_f(p.get('median_dec_cos_mapped_shared'))} <span class=null>A-only {_f(p.get('median_dec_cos_mapped_a_only'))}, "
+              f"B-only {_f(p.get('median_dec_cos_mapped_b_only'))}</span>"] for p in pairs]
+    head = ["layers", "latents shared / A-only / B-only / dead", "FVU A (held-out)", "FVU B (held-out)", "L0",
+            "agreement with matched SAE pairs", "SAE matches covered", "decoder cosine after Procrustes (median)"]
+    return ('<section id="crosscoder"><h2>Crosscoder</h2><p>One dictionary over both models, trained on anchor-paired '
+            f'tokens (Lindsey et al. 2024). r ≈ 0.5: a latent both models use; r ≤ {t} or ≥ {1 - t:g}: one model\'s own. '
+            'FVU is compared with each model\'s separate SAE on the same held-out anchors at the same L0. Agreement: the share '
+            'of shared latents whose two decoder rows are nearest (cosine ≥ ' + str(summary.get("agreement_min_cos", "")) +
+            ') to the two halves of a significant SAE match; the null re-pairs them at random.</p>' + _png(fig)
+            + _table(head, table, "num") + "</section>")
+
+
 def _transfer_section(transfer: list[dict], stitching: list[dict], patching: list[dict], examples: list[dict],
                       q: float) -> str:
     import matplotlib
@@ -359,6 +402,7 @@ def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
         + _metric_plots(cfg, metrics)
         + _sae_section(cfg, _csv(rd / "sae_metrics.csv"))
         + _match_section(cfg, matches, _csv(rd / "feature_matches_seed.csv"))
+        + _crosscoder_section(cfg)
         + _transfer_section(transfer, stitching, patching, examples, cfg.align.q_threshold)
         + _browser_section(browser)
         + _HOW_TO_READ
