@@ -299,9 +299,9 @@ def test_config_switch_adds_the_stage_only_when_enabled(tmp_path):
     from crossdict.pipeline import stages
 
     names = [s.name for s in stages(stage_config(tmp_path, enabled=False))]
-    assert names == ["extract", "train", "align", "report"]
+    assert names == ["extract", "train", "align", "transfer", "report"]
     st = stages(stage_config(tmp_path))
-    assert [s.name for s in st] == ["extract", "train", "align", "crosscoder", "report"] and "crosscoder" in st[-1].upstream
+    assert [s.name for s in st] == ["extract", "train", "align", "transfer", "crosscoder", "report"] and "crosscoder" in st[-1].upstream
     from crossdict.config import ConfigError
 
     with pytest.raises(ConfigError, match="crosscoder.exclusive_r: 0.6 is out of range"):
