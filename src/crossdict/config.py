@@ -136,7 +136,7 @@ class TransferConfig:
     """Run the transfer stage in `crossdict run` (injection, stitching, feature patching)."""
     n_features: int = 8
     """Top matched pairs (by activation correlation, q < align.q_threshold) injected per layer pair."""
-    alphas: list[float] = field(default_factory=lambda: [2.0, 5.0, 10.0])
+    alphas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     """Injection strengths in units of the feature's typical activation (0 is skipped: the identity)."""
     n_random_controls: int = 32
     """Random directions of the same norm per feature and alpha (the null for agreement)."""
