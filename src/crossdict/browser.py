@@ -23,8 +23,13 @@ N_CONTEXTS = 4
 N_BINS = 16
 
 
+MIN_FREQ = 1e-3
+"""Pairs whose rarer feature fires on fewer train tokens than this come after the others: a correlation
+of 1.0 between two features that each fire on one token is real but tells a reader little."""
+
+
 def top_matches(path: Path, per_pair: int, q_threshold: float) -> list[dict]:
-    """Hungarian matches with q < threshold, best correlation first, at most `per_pair` per layer pair."""
+    """Hungarian matches with q < threshold, best correlation first (rare features last), at most `per_pair` per layer pair."""
     if not path.is_file():
         return []
     by_pair: dict[tuple[int, int], list[dict]] = {}
@@ -39,7 +44,7 @@ def top_matches(path: Path, per_pair: int, q_threshold: float) -> list[dict]:
             by_pair.setdefault((int(r["layer_a"]), int(r["layer_b"])), []).append(r)
     out = []
     for rows in by_pair.values():
-        rows.sort(key=lambda r: -float(r["act_corr"]))
+        rows.sort(key=lambda r: (min(float(r["freq_a"]), float(r["freq_b"])) < MIN_FREQ, -float(r["act_corr"])))
         out += rows[:per_pair]
     return out
 

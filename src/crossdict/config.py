@@ -140,6 +140,9 @@ class TransferConfig:
     """Injection strengths in units of the feature's typical activation (0 is skipped: the identity)."""
     n_random_controls: int = 32
     """Random directions of the same norm per feature and alpha (the null for agreement)."""
+    min_freq: float = 0.001
+    """Only pairs whose features both fire on at least this fraction of train tokens are injected: a
+    correlation resting on a handful of tokens ranks high but says little about the direction."""
     n_passages: int = 32
     """Held-out passages the interventions run on."""
     passage_chars: int = 400
@@ -276,6 +279,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "alphas": (lambda v: len(v) >= 1 and all(math.isfinite(a) for a in v), "a non-empty list of finite numbers"),
     "n_features": (lambda v: v >= 1, "an integer >= 1"),
     "n_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "min_freq": (lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
     "top_strings": (lambda v: v >= 1, "an integer >= 1"),
     "n_patch_features": (lambda v: v >= 0, "an integer >= 0"),
     "n_patch_controls": (lambda v: v >= 1, "an integer >= 1"),

@@ -360,6 +360,8 @@ class MatchedPair:
     feat_b: int
     act_corr: float
     q_value: float
+    min_freq: float = 1.0
+    """The smaller of the two features' firing frequencies on train tokens."""
 
 
 def read_matches(path: Path) -> list[MatchedPair]:
@@ -373,7 +375,8 @@ def read_matches(path: Path) -> list[MatchedPair]:
             q, corr = float(r["q_value"]), float(r["act_corr"])
         except ValueError:
             continue
-        out.append(MatchedPair(int(r["layer_a"]), int(r["layer_b"]), int(r["feat_a"]), int(r["feat_b"]), corr, q))
+        out.append(MatchedPair(int(r["layer_a"]), int(r["layer_b"]), int(r["feat_a"]), int(r["feat_b"]), corr, q,
+                               min(float(r["freq_a"]), float(r["freq_b"]))))
     return out
 
 
@@ -616,10 +619,11 @@ def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], f
     """The matched pairs to test at (la, lb): `feature_idx` alone, or the top `transfer.n_features` by correlation."""
     sig = [m for m in matches if m.layer_a == la and m.layer_b == lb and m.q_value < cfg.align.q_threshold]
     if feature_idx is None:
-        sig.sort(key=lambda m: -m.act_corr)
-        if not sig:
-            raise TransferError(f"layers (a={la}, b={lb}) have no significant feature matches (q < {cfg.align.q_threshold})")
-        return sig[: cfg.transfer.n_features]
+        common = sorted((m for m in sig if m.min_freq >= cfg.transfer.min_freq), key=lambda m: -m.act_corr)
+        if not common:
+            raise TransferError(f"layers (a={la}, b={lb}) have no significant feature matches (q < {cfg.align.q_threshold}) "
+                                f"whose features both fire on >= {cfg.transfer.min_freq} of train tokens (transfer.min_freq)")
+        return common[: cfg.transfer.n_features]
     if not 0 <= feature_idx < d_sae_a:
         raise TransferError(f"--feature_idx {feature_idx} is out of range: A's SAE at layer {la} has {d_sae_a} features "
                             f"(0..{d_sae_a - 1})")
