@@ -55,9 +55,6 @@ def test_extract_counts_and_anchors(tiny_models, tmp_path):
 
 
 def test_stored_states_equal_a_fresh_forward(tiny_models, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from crossdict.backend_hf import HFBackend
     from crossdict.extract import truncate_to_common, load_backends
     from crossdict.corpus import passages
 

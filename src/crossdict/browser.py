@@ -8,14 +8,13 @@ once: agreement (or disagreement) is visible token by token.
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
 import numpy as np
 
 from .cache import ActivationCache
 from .config import RunConfig
+from .matching import read_matches
 
 WINDOW_BEFORE, WINDOW_AFTER = 160, 40
 """Characters of context shown before and after the activating token's end."""
@@ -33,18 +32,12 @@ def top_matches(path: Path, per_pair: int, q_threshold: float) -> list[dict]:
     if not path.is_file():
         return []
     by_pair: dict[tuple[int, int], list[dict]] = {}
-    for r in csv.DictReader(path.open()):
-        if r["method"] != "hungarian":
-            continue
-        try:
-            q, corr = float(r["q_value"]), float(r["act_corr"])
-        except ValueError:
-            continue
-        if q < q_threshold and math.isfinite(corr):
-            by_pair.setdefault((int(r["layer_a"]), int(r["layer_b"])), []).append(r)
+    for r in read_matches(path):
+        if r["q_value"] < q_threshold:
+            by_pair.setdefault((r["layer_a"], r["layer_b"]), []).append(r)
     out = []
     for rows in by_pair.values():
-        rows.sort(key=lambda r: (min(float(r["freq_a"]), float(r["freq_b"])) < MIN_FREQ, -float(r["act_corr"])))
+        rows.sort(key=lambda r: (min(r["freq_a"], r["freq_b"]) < MIN_FREQ, -r["act_corr"]))
         out += rows[:per_pair]
     return out
 

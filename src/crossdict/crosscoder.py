@@ -476,7 +476,7 @@ def validate_crosscoder_config(cfg: CrosscoderConfig, k: int, d_latent: int) -> 
         (cfg.train_tokens >= cfg.batch_size, f"crosscoder.train_tokens={cfg.train_tokens} is less than one batch "
                                              f"(crosscoder.batch_size={cfg.batch_size})"),
         (cfg.checkpoint_every >= 1, f"crosscoder.checkpoint_every must be >= 1, got {cfg.checkpoint_every}"),
-        (cfg.aux_k >= 1 and cfg.aux_coefficient >= 0, f"crosscoder.aux_k must be >= 1 and aux_coefficient >= 0"),
+        (cfg.aux_k >= 1 and cfg.aux_coefficient >= 0, "crosscoder.aux_k must be >= 1 and aux_coefficient >= 0"),
         (cfg.dead_tokens_threshold >= 1, f"crosscoder.dead_tokens_threshold must be >= 1, got {cfg.dead_tokens_threshold}"),
         (0 <= cfg.lr_decay_fraction <= 1, f"crosscoder.lr_decay_fraction must be in [0, 1], got {cfg.lr_decay_fraction}"),
         (cfg.lr_warmup_steps >= 0 and cfg.l1_warmup_steps >= 0, "crosscoder.lr_warmup_steps and l1_warmup_steps must be >= 0"),

@@ -59,6 +59,7 @@ from .anchors import anchor_pairs
 from .backend import Backend, Batch, Edit
 from .cache import ActivationCache
 from .config import RunConfig
+from .matching import read_matches
 from .stats import bh_qvalues
 from .utils import atomic_write_json, atomic_write_text
 
@@ -364,20 +365,11 @@ class MatchedPair:
     """The smaller of the two features' firing frequencies on train tokens."""
 
 
-def read_matches(path: Path) -> list[MatchedPair]:
+def load_matches(path: Path) -> list[MatchedPair]:
     if not path.is_file():
         raise TransferError(f"no feature matches at {path}; run the align stage first (crossdict align)")
-    out = []
-    for r in csv.DictReader(path.open()):
-        if r["method"] != "hungarian":
-            continue
-        try:
-            q, corr = float(r["q_value"]), float(r["act_corr"])
-        except ValueError:
-            continue
-        out.append(MatchedPair(int(r["layer_a"]), int(r["layer_b"]), int(r["feat_a"]), int(r["feat_b"]), corr, q,
-                               min(float(r["freq_a"]), float(r["freq_b"]))))
-    return out
+    return [MatchedPair(r["layer_a"], r["layer_b"], r["feat_a"], r["feat_b"], r["act_corr"], r["q_value"],
+                        min(r["freq_a"], r["freq_b"])) for r in read_matches(path)]
 
 
 def nearest_candidates(dec_a: torch.Tensor, dec_b: torch.Tensor, rotation: np.ndarray, feat_a: int, n: int = 5) -> list[tuple[int, float]]:
@@ -652,7 +644,7 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
     if not pairs_ab:
         raise TransferError(f"layer {layer_a} of model A is not configured (model_a.layers: {cfg.model_a.layers}); its "
                             "SAE and alignment do not exist")
-    matches = read_matches(cfg.report_dir / "feature_matches.csv")
+    matches = load_matches(cfg.report_dir / "feature_matches.csv")
     cache = ActivationCache(cfg.cache_dir)
     loaded = {(la, lb): (_load_side_files(cfg, "a", la), _load_side_files(cfg, "b", lb), _load_maps(cfg, la, lb))
               for la, lb in pairs_ab}  # every input checked before any model runs

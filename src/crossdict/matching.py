@@ -26,8 +26,10 @@ features cost a few MB; the only dense m_a × m_b array is one float32 correlati
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -390,4 +392,25 @@ def match_features(
             freq_a=freq_a[ia], freq_b=freq_b[ib], p_value=p, q_value=bh_qvalues(p),
             stability=stab.get(name, np.full(len(ia), math.nan)),
         )  # fmt: skip
+    return out
+
+
+def read_matches(path: str | Path, method: str = "hungarian") -> list[dict[str, Any]]:
+    """Rows of `feature_matches.csv` for one matching method, numbers parsed; rows without a q-value skipped.
+
+    Each row: layer_a, layer_b, feat_a, feat_b (int), act_corr, dec_cos, freq_a, freq_b, p_value,
+    q_value, stability (float). Later stages read matches only through this function.
+    """
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["method"] != method:
+                continue
+            try:
+                row = {c: int(r[c]) for c in ("layer_a", "layer_b", "feat_a", "feat_b")}
+                row.update({c: float(r[c]) for c in MATCH_COLUMNS if c not in row and c != "method"})
+            except (KeyError, ValueError):
+                continue
+            if math.isfinite(row["q_value"]) and math.isfinite(row["act_corr"]):
+                out.append(row)
     return out

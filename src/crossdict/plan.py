@@ -16,7 +16,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
