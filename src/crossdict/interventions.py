@@ -173,6 +173,8 @@ class CleanRun:
     batches: list[Batch]
     logp: list[torch.Tensor]
     """Per batch, log-probs `[n_measured, vocab]` at the measured (content) positions."""
+    nll: float = math.nan
+    """Mean next-token NLL over content positions that have a next content token."""
     memo: dict = field(default_factory=dict)
 
     @property
@@ -181,7 +183,13 @@ class CleanRun:
 
 
 def clean_run(backend: Backend, batches: list[Batch]) -> CleanRun:
-    return CleanRun(batches, [F.log_softmax(backend.logits(b), -1)[b.is_content] for b in batches])
+    logp, nll, n = [], 0.0, 0
+    for b in batches:
+        full = F.log_softmax(backend.logits(b), -1)
+        s, c = _next_nll(full, b)
+        nll, n = nll + s, n + c
+        logp.append(full[b.is_content])
+    return CleanRun(batches, logp, nll / max(n, 1))
 
 
 @dataclass
@@ -223,16 +231,6 @@ def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, B
         dsum = d if dsum is None else dsum + d
         n += logp.shape[0]
     return Effect(kl_sum / n, (dsum / n).float().cpu().numpy(), nll_sum / max(n_nll, 1))
-
-
-def clean_nll(clean: CleanRun) -> float:
-    s, c = 0.0, 0
-    for b, logp0 in zip(clean.batches, clean.logp):
-        full = torch.full((*b.input_ids.shape, logp0.shape[-1]), 0.0)
-        full[b.is_content] = logp0
-        x, y = _next_nll(full, b)
-        s, c = s + x, c + y
-    return s / max(c, 1)
 
 
 def inject(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor) -> Effect:
@@ -502,7 +500,7 @@ def stitching_rows(a: Side, b: Side, maps: dict[str, LinearMap], pairing: Pairin
 
     d_b = b.backend.d_model
     mean = torch.from_numpy(np.asarray(mean_b, np.float32))
-    loss = {"clean": clean_nll(b.clean),
+    loss = {"clean": b.clean.nll,
             "mean": run(values_from(lambda k, i: mean.expand(len(pairing.pairs[k][i]), d_b))),
             "zero": run(values_from(lambda k, i: torch.zeros(len(pairing.pairs[k][i]), d_b)))}
     rows = [{**base, "map": "none", "control": c} for c in ("clean", "mean", "zero")]
