@@ -44,14 +44,16 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple, err_dir: str) -> N
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist = init_dist("cpu")
+    finished = False
     try:
         fn(dist, *args)
+        finished = True
     except Exception as e:  # the parent asserts on what each rank raised
         Path(err_dir, f"rank{rank}.json").write_text(json.dumps({"type": type(e).__name__, "msg": str(e),
                                                                  "tb": traceback.format_exc()}))
         raise
     finally:
-        destroy(dist)
+        destroy(dist, finished)
 
 
 def spawn(fn, world: int, *args, err_dir: Path) -> None:

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"crossdict: config error: {e}", file=sys.stderr)
         return 2
     progress = not args.no_progress
+    finished = False
     if getattr(args, "device", None):
         cfg.device = args.device
     t0 = time.perf_counter()
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             from .pipeline import run_all
 
             run_all(cfg, progress=progress)
+        finished = True
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, OSError) as e:
         if os.environ.get("CROSSDICT_DEBUG"):
             raise
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist is not None:
             from .distributed import destroy
 
-            destroy(dist)
+            destroy(dist, finished)
     if dist is None or dist.is_main:
         print(f"[crossdict] {args.command} done in {time.perf_counter() - t0:.1f} s")
     return 0

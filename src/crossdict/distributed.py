@@ -104,9 +104,19 @@ def local(dist: Dist) -> Dist:
     return Dist(device=dist.device)
 
 
-def destroy(dist: Dist) -> None:
+def destroy(dist: Dist, finished: bool = True) -> None:
+    """Leave the process group; after a finished run, only once every rank is done with it.
+
+    Without the barrier a fast rank can tear down its gloo pairs while a slow one still has DDP
+    work in flight; the slow rank then aborts ("terminate called without an active exception").
+    A rank leaving on an error skips it: its peers may be blocked in another collective.
+    """
     if dist.enabled and tdist.is_initialized():
-        tdist.destroy_process_group()
+        try:
+            if finished:
+                tdist.barrier()
+        finally:
+            tdist.destroy_process_group()
 
 
 def check_same_config(dist: Dist, cfg_dict: dict, what: str = "config") -> str:
