@@ -83,3 +83,12 @@ def tiny_tokenizers(tiny_models):
     from transformers import AutoTokenizer
 
     return {k: AutoTokenizer.from_pretrained(p) for k, p in tiny_models.items()}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: the tensors in these tests are small, and ranks or jobs share 2 cores."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -24,13 +24,7 @@ from crossdict.sae import load_sae
 from crossdict.train import train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Both ranks share 2 cores; one intra-op thread each, and the same in the single-process reference.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest; same in the single-process reference
 
 
 def _free_port() -> int:

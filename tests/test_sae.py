@@ -28,13 +28,7 @@ from crossdict.train import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are small: intra-op threads only add overhead (and contention on 2 cores).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest
 
 
 # --- helpers ------------------------------------------------------------------------------------

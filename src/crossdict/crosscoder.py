@@ -57,9 +57,8 @@ from .config import CrosscoderConfig, RunConfig
 from .evaluate import write_csv
 from .sae import _SparseDecode, _SparseEncode, load_sae
 from .sae import is_complete as sae_is_complete
-from .train import (CKPT_FORMAT, LOG_EVERY, BatchStream, Rows, StaleCheckpointError, _check_finite, _load_checkpoint,
-                    _read_log, _restore, _rows_digest, _save_checkpoint, _write_log, drop_massive, evaluate_sae,
-                    input_scale_and_mean, lr_at, massive_activation_threshold)
+from .train import (CKPT_FORMAT, LOG_EVERY, BatchStream, Rows, _check_finite, _rows_digest, _save_checkpoint, _write_log,
+                    drop_massive, evaluate_sae, input_scale_and_mean, lr_at, massive_activation_threshold, resume_state)
 from .utils import atomic_path, atomic_write_json, stable_hash
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "crosscoder_weights.safetensors"
@@ -532,19 +531,9 @@ def train_crosscoder(
     expect = {"format": CKPT_FORMAT, "kind": "crosscoder", "config": _config_dict(cfg), "k": k, "streams": ps.names,
               "d_ins": ps.d_ins, "n_rows": ps.n, "rows_digest": _rows_digest(ps.rows.ravel()),
               "input_scales": [s for s, _ in scaled]}
-    start, log = 0, []
-    if resume and ckpt_path.is_file():
-        try:
-            header, tensors = _load_checkpoint(ckpt_path, expect)
-        except StaleCheckpointError as e:
-            if resume != "auto":
-                raise
-            print(f"[crossdict] crosscode: {e.args[0].split(';')[0]}; training this crosscoder from the start")
-            header = None
-        if header is not None:
-            since_fired = _restore(cc, opt, header, tensors, ckpt_path)
-            start = int(header["step"])
-            log = [r for r in _read_log(out_dir / LOG_FILE) if r["step"] < start]
+    start, log, restored = resume_state(ckpt_path, expect, resume, cc, opt, out_dir / LOG_FILE, "crosscode",
+                                        "this crosscoder")
+    since_fired = since_fired if restored is None else restored
 
     stream = BatchStream(np.arange(ps.n), B, seed)
     stop = n_steps if max_steps is None else min(n_steps, max_steps)

@@ -215,6 +215,29 @@ def _load_checkpoint(path: Path, expect: dict) -> tuple[dict, dict[str, torch.Te
     return header, tensors
 
 
+def resume_state(ckpt_path: Path, expect: dict, resume: bool | str, model: torch.nn.Module,
+                 opt: torch.optim.Optimizer, log_path: Path, stage: str, what: str, quiet: bool = False,
+                 ) -> tuple[int, list[dict], torch.Tensor | None]:
+    """(first step, log rows before it, restored since_fired or None) for a trainer starting up.
+
+    `resume="auto"` (what `crossdict run` uses) restarts from scratch when the checkpoint was made for
+    another config and says so ("<stage>: <reason>; training <what> from the start"); `resume=True` refuses instead.
+    """
+    if not (resume and ckpt_path.is_file()):
+        return 0, [], None
+    try:
+        header, tensors = _load_checkpoint(ckpt_path, expect)
+    except StaleCheckpointError as e:
+        if resume != "auto":
+            raise
+        if not quiet:
+            print(f"[crossdict] {stage}: {e.args[0].split(';')[0]}; training {what} from the start")
+        return 0, [], None
+    since_fired = _restore(model, opt, header, tensors, ckpt_path)
+    start = int(header["step"])
+    return start, [r for r in _read_log(log_path) if r["step"] < start], since_fired
+
+
 def _restore(sae: SAE, opt: torch.optim.Optimizer, header: dict, tensors: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
@@ -285,20 +308,9 @@ def train_sae(
     sae.to(device)  # initialised on the CPU generator first, so every device starts from the same weights
     opt = torch.optim.Adam(sae.parameters(), lr=sae_cfg.lr)  # fp32 master weights and moments, on any device
     since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    start, log = 0, []
-    if resume and ckpt_path.is_file():
-        try:
-            header, tensors = _load_checkpoint(ckpt_path, expect)
-        except StaleCheckpointError as e:
-            if resume != "auto":  # `crossdict run` resumes what it can and restarts what changed
-                raise
-            if dist.is_main:
-                print(f"[crossdict] train: {e.args[0].split(';')[0]}; training this SAE from the start")
-            header = None
-        if header is not None:
-            since_fired = _restore(sae, opt, header, tensors, ckpt_path)
-            start = int(header["step"])
-            log = [r for r in _read_log(out_dir / LOG_FILE) if r["step"] < start]
+    start, log, restored = resume_state(ckpt_path, expect, resume, sae, opt, out_dir / LOG_FILE, "train", "this SAE",
+                                        quiet=not dist.is_main)
+    since_fired = since_fired if restored is None else restored
 
     reduce = BatchReduce() if dist.enabled else None
     # DDP averages gradients over ranks; each rank's loss is its share of the global loss, so scale by
