@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 
 from crossdict.config import SAEConfig
@@ -27,15 +27,11 @@ from crossdict.train import train_sae
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest; same in the single-process reference
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, fn, args: tuple, err_dir: str) -> None:
+    # As under torchrun, the rendezvous store lives in a parent process (the agent's role), not in rank 0:
+    # otherwise rank 0 exiting first can take the store away while rank 1 is still leaving the group.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     dist = init_dist("cpu")
     finished = False
@@ -53,7 +49,11 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple, err_dir: str) -> N
 def spawn(fn, world: int, *args, err_dir: Path) -> None:
     """Run `fn(dist, *args)` on `world` gloo ranks; raises if any rank failed (its error in err_dir)."""
     err_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_entry, args=(world, _free_port(), fn, args, str(err_dir)), nprocs=world, join=True)
+    store = tdist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    try:
+        mp.spawn(_entry, args=(world, store.port, fn, args, str(err_dir)), nprocs=world, join=True)
+    finally:
+        del store
 
 
 def rank_errors(err_dir: Path) -> dict[int, dict]:
