@@ -124,10 +124,16 @@ def main(argv: list[str] | None = None) -> int:
                 _record_config(cfg)
             run_extract(cfg, progress=progress, dist=dist)
         elif args.command == "train":
+            from .pretrained import pretrained_layers
             from .train import run_train
 
-            run_train(cfg, seeds=args.seeds, resume=args.resume, progress=progress, dist=dist,
-                      distribute_modules=args.distribute_modules)
+            if pretrained_layers(cfg):  # pretrained SAEs are checked and recorded, the rest trained
+                from .pretrained_stage import run_train_with_pretrained
+
+                run_train_with_pretrained(cfg, resume=args.resume, progress=progress)
+            else:
+                run_train(cfg, seeds=args.seeds, resume=args.resume, progress=progress, dist=dist,
+                          distribute_modules=args.distribute_modules)
         elif args.command == "plan":
             from .plan import print_plan
 

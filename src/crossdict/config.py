@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -37,6 +37,9 @@ class ModelConfig:
     max_ctx: int = 128
     """Tokens per passage, BOS included."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    sae_source: Union[str, dict[int, str]] = "train"
+    """Where each layer's SAE comes from: `train`, `saelens:<release>/<sae_id>`, or a SAELens / sparsify /
+    dictionary_learning directory (see `crossdict.pretrained`); one string for all layers or {layer: source}."""
 
 
 @dataclass
@@ -301,11 +304,21 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
         (item,) = typing.get_args(hint)
         return [_check_value(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = typing.get_args(hint)
+        return {_check_value(f"{path} key", k, kt): _check_value(f"{path}[{k!r}]", v, vt) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _check_value(path, value, args[0])
+        for a in args[:-1]:  # the first type that accepts the value; the last one's error otherwise
+            try:
+                return _check_value(path, value, a)
+            except ConfigError:
+                pass
+        return _check_value(path, value, args[-1])
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, path)
     if hint is bool:
@@ -359,6 +372,14 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             f"model_a.layers {cfg.model_a.layers} and model_b.layers {cfg.model_b.layers} must have the same "
             "length: layers are paired by position"
         )
+    for key in ("a", "b"):
+        m = cfg.model(key)
+        if isinstance(m.sae_source, dict) and set(m.sae_source) - set(m.layers):
+            raise ConfigError(f"model_{key}.sae_source names layers {sorted(set(m.sae_source) - set(m.layers))} "
+                              f"that are not in model_{key}.layers {m.layers}")
+        sources = m.sae_source.values() if isinstance(m.sae_source, dict) else [m.sae_source]
+        if any(not s.strip() for s in sources):
+            raise ConfigError(f"model_{key}.sae_source: empty source; use 'train' or a path / saelens:<release>/<sae_id>")
     return cfg
 
 

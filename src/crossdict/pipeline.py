@@ -87,9 +87,15 @@ def _extract_lazily(ctx: Context) -> None:
 
 
 def _train_outputs(cfg: RunConfig) -> list[Path]:
+    from .pretrained import SOURCE_FILE, pretrained_layers
+
     out = [cfg.report_dir / "sae_metrics.csv"]
+    pre = {(k, la) for k, la, _ in pretrained_layers(cfg)}
     for key in ("a", "b"):
         for layer in cfg.model(key).layers:
+            if (key, layer) in pre:  # loaded, not trained: the checked record of its source
+                out.append(cfg.sae_dir(key, layer) / SOURCE_FILE)
+                continue
             for seed in cfg.sae.seeds:
                 d = cfg.sae_dir(key, layer, seed)
                 out += [d / "cfg.json", d / "sae_weights.safetensors"]
@@ -97,9 +103,25 @@ def _train_outputs(cfg: RunConfig) -> list[Path]:
 
 
 def _run_train(ctx: Context) -> None:
+    from .pretrained import pretrained_layers
     from .train import run_train
 
-    run_train(ctx.cfg, resume="auto", backends=ctx.backends(), progress=ctx.progress)
+    if pretrained_layers(ctx.cfg):
+        from .pretrained_stage import run_train_with_pretrained
+
+        run_train_with_pretrained(ctx.cfg, resume="auto", backends=ctx.backends(), progress=ctx.progress)
+    else:
+        run_train(ctx.cfg, resume="auto", backends=ctx.backends(), progress=ctx.progress)
+
+
+def _train_config(c: RunConfig) -> dict:
+    out = {"sae": asdict(c.sae), "layers": [c.model_a.layers, c.model_b.layers]}
+    from .pretrained import pretrained_layers, source_digest
+
+    pre = pretrained_layers(c)
+    if pre:  # only then, so runs without pretrained SAEs keep their records
+        out["sae_sources"] = {f"{k}{la}": f"{src}@{source_digest(src)}" for k, la, src in pre}
+    return out
 
 
 ALIGN_FILES = ("metrics.csv", "alignment.csv", "feature_matches.csv", "layer_cka.csv")
@@ -160,7 +182,7 @@ def stages(cfg: RunConfig) -> list[Stage]:
         Stage("extract", lambda c: {"cache": cache_key(c), "seed": c.seed, "random_floor": c.extract.random_floor,
                                     "layer_sweep_tokens": c.extract.layer_sweep_tokens},
               (), _extract_outputs, _extract_lazily),
-        Stage("train", lambda c: {"sae": asdict(c.sae), "layers": [c.model_a.layers, c.model_b.layers]},
+        Stage("train", _train_config,
               ("extract",), _train_outputs, _run_train),
         Stage("align", lambda c: {"align": asdict(c.align), "seed": c.seed, "layer_pairs": c.layer_pairs},
               ("extract", "train"), lambda c: [c.report_dir / f for f in ALIGN_FILES], _run_align),

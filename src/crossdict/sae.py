@@ -467,8 +467,14 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE saved by `save_sae` (or a plain SAELens standard/topk/jumprelu SAE directory).
 
     Every mismatch raises `SAEFormatError` naming the file, the tensor or field, expected and got.
+    A directory holding `pretrained.json` (a pretrained SAE the train stage checked) returns a
+    `pretrained.PretrainedSAE`, the adapter with this class's interface.
     """
     path = Path(path)
+    from . import pretrained  # one-way: pretrained never imports this module
+
+    if pretrained.is_linked(path):
+        return pretrained.load_linked(path, device=device)
     cfg_path, w_path, x_path = path / CFG_FILE, path / WEIGHTS_FILE, path / EXTRA_FILE
     for p in (cfg_path, w_path):
         _expect(p.is_file(), f"SAE file missing: {p}")
