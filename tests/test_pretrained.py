@@ -200,3 +200,122 @@ def test_config_accepts_a_string_or_a_layer_mapping(tiny_models, tmp_path):
     data["model_b"]["sae_source"] = 3
     with pytest.raises(ConfigError, match="sae_source"):
         config_from_dict(data)
+
+
+# --- dashboards out ------------------------------------------------------------------------------
+
+# Field names and types of one feature, from SAEDashboard's `NeuronpediaDashboardFeature.to_dict` and
+# `NeuronpediaDashboardActivation.to_dict` (jbloomAus/SAEDashboard, sae_dashboard/neuronpedia/neuronpedia_feature.py).
+FEATURE_SCHEMA = {
+    "feature_index": int, "neuron_alignment_indices": list, "neuron_alignment_values": list, "neuron_alignment_l1": list,
+    "correlated_neurons_indices": list, "correlated_neurons_l1": list, "correlated_neurons_pearson": list,
+    "correlated_features_indices": list, "correlated_features_l1": list, "correlated_features_pearson": list,
+    "neg_str": list, "neg_values": list, "pos_str": list, "pos_values": list, "frac_nonzero": float,
+    "freq_hist_data_bar_values": list, "freq_hist_data_bar_heights": list, "logits_hist_data_bar_heights": list,
+    "logits_hist_data_bar_values": list, "num_tokens_for_dashboard": int, "activations": list,
+}
+ACTIVATION_SCHEMA = {"bin_min": (int, float), "bin_max": (int, float), "bin_contains": (int, float), "tokens": list, "values": list}
+BATCH_SCHEMA = {"model_id": str, "layer": int, "sae_set": str, "features": list, "settings": dict}  # NeuronpediaDashboardBatch
+
+
+def _check_feature(d: dict) -> None:
+    for k, t in FEATURE_SCHEMA.items():
+        assert k in d and isinstance(d[k], t), (k, type(d.get(k)))
+    for a in d["activations"]:
+        assert set(a) == set(ACTIVATION_SCHEMA) and all(isinstance(a[k], t) for k, t in ACTIVATION_SCHEMA.items())
+        assert len(a["tokens"]) == len(a["values"]) and all(isinstance(s, str) for s in a["tokens"])
+    assert len(d["pos_str"]) == len(d["pos_values"]) and len(d["neg_str"]) == len(d["neg_values"])
+
+
+@pytest.fixture(scope="module")
+def exported(pretrained_run):
+    from crossdict.cli import main
+
+    cfg = pretrained_run[0]
+    assert main(["export", "--config", str(cfg.run_dir / "config.yaml"), "--no-progress", "--features", "b:2:0"]) == 0
+    assert main(["export", "--config", str(cfg.run_dir / "config.yaml"), "--no-progress", "--format", "neuronpedia"]) == 0
+    return cfg
+
+
+def test_exported_json_follows_saedashboard_fields_and_carries_the_match(exported, pretrained_run):
+    from crossdict.browser import top_matches
+    from crossdict.extract import load_backends
+    from crossdict.export import export_dir, feature_path, unembedding
+    from crossdict.matching import read_matches
+    from crossdict.sae import feature_activations, load_sae
+
+    cfg, _, _, cache = pretrained_run
+    index = json.loads((export_dir(cfg, "saedashboard") / "index.json").read_text())
+    sig = [m for m in read_matches(cfg.report_dir / "feature_matches.csv") if m["q_value"] < cfg.align.q_threshold]
+    assert len(index["files"]) >= len({(m["layer_a"], m["feat_a"]) for m in sig}) + 1  # + the listed b:2:0
+    assert feature_path(cfg, "saedashboard", "b", 2, 0).is_file()  # the user's list, a crossdict-trained SAE
+    m = top_matches(cfg.report_dir / "feature_matches.csv", 1, cfg.align.q_threshold)[0]
+    d = json.loads(feature_path(cfg, "saedashboard", "a", m["layer_a"], m["feat_a"]).read_text())
+    _check_feature(d)
+    assert d["feature_index"] == m["feat_a"] and d["model_id"] == cfg.model_a.name
+    partner = [p for p in d["crossdict_matches"] if p["feature_index"] == m["feat_b"] and p["layer"] == m["layer_b"]]
+    assert partner and abs(partner[0]["act_corr"] - m["act_corr"]) < 1e-4 and abs(partner[0]["q_value"] - m["q_value"]) < 1e-4
+    assert (feature_path(cfg, "saedashboard", "a", m["layer_a"], m["feat_a"]).parent / partner[0]["json"]).resolve() == \
+        feature_path(cfg, "saedashboard", "b", m["layer_b"], m["feat_b"]).resolve()
+    # Values recomputed independently: top activation, firing fraction, top logits.
+    sae = load_sae(cfg.sae_dir("a", m["layer_a"]))
+    rows = cache.rows("a", "heldout")
+    vals = feature_activations(sae, cache.acts("a", m["layer_a"]), rows, np.array([m["feat_a"]]))[:, 0]
+    assert d["num_tokens_for_dashboard"] == len(rows) and abs(d["frac_nonzero"] - (vals > 0).mean()) < 1e-5
+    assert abs(d["activations"][0]["bin_max"] - vals.max()) < 1e-3 and abs(max(d["activations"][0]["values"]) - vals.max()) < 1e-3
+    assert sum(d["freq_hist_data_bar_heights"]) == (vals > 0).sum()
+    logits = sae.W_dec[m["feat_a"]].detach().float() @ unembedding(load_backends(cfg)["a"])
+    assert np.allclose(d["pos_values"], torch.topk(logits, 10).values.numpy(), atol=2e-3)
+    assert d["pos_values"] == sorted(d["pos_values"], reverse=True) and d["neg_values"] == sorted(d["neg_values"])
+
+
+def test_neuronpedia_batch_layout(exported):
+    from crossdict.export import export_dir
+
+    cfg = exported
+    batches = sorted(export_dir(cfg, "neuronpedia").rglob("batch-0.json"))
+    assert batches
+    for b in batches:
+        d = json.loads(b.read_text())
+        assert set(d) == set(BATCH_SCHEMA) and all(isinstance(d[k], t) for k, t in BATCH_SCHEMA.items())
+        assert set(d["settings"]) == {"n_batches_to_sample_from", "n_prompt_to_select"} and d["features"]
+        for f in d["features"]:
+            _check_feature(f)
+    srcs = {json.loads(b.read_text())["sae_set"] for b in batches}
+    assert any(s.startswith("crossdict-") for s in srcs) and any("saelens_" in s for s in srcs)  # trained and pretrained
+
+
+def test_export_bad_requests(exported, capsys):
+    from crossdict.cli import main
+
+    cfg = exported
+    assert main(["export", "--config", str(cfg.run_dir / "config.yaml"), "--features", "c:1:2"]) == 1
+    assert "MODEL:LAYER:FEATURE" in capsys.readouterr().err
+    assert main(["export", "--config", str(cfg.run_dir / "config.yaml"), "--features", "a:1:99999"]) == 1
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_browser_row_links_to_the_exported_feature(exported):
+    from test_pipeline import _chromium
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    cfg = exported
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu", "--no-first-run",
+                                                                    "--disable-background-networking"])
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((cfg.report_dir / "index.html").resolve().as_uri())
+        link = page.locator("#pairs tbody tr a.json").first
+        href, feat = link.get_attribute("href"), int(link.inner_text())
+        link.click()
+        page.wait_for_load_state()
+        assert page.url.endswith(href) and "/export/saedashboard/" in page.url
+        d = json.loads(page.locator("body").inner_text())
+        assert d["feature_index"] == feat and d["crossdict_matches"]
+        browser.close()
+    assert not errors, errors

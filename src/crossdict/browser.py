@@ -80,6 +80,14 @@ def _contexts(lead_tokens: np.ndarray, lead_vals: np.ndarray, tokens: dict[str, 
     return out
 
 
+def _json_links(cfg: RunConfig, la: int, lb: int, fa: int, fb: int) -> dict:
+    """Links (relative to report/) to both features' `crossdict export` JSON, where it has been written."""
+    from .export import feature_path, relative_link
+
+    return {f"json_{k}": (relative_link(cfg, k, layer, f) if feature_path(cfg, "saedashboard", k, layer, f).is_file() else None)
+            for k, layer, f in (("a", la, fa), ("b", lb, fb))}
+
+
 def browser_data(cfg: RunConfig, per_pair: int = 60) -> list[dict]:
     """One entry per shown feature pair: match statistics, both histograms, top contexts led by A and by B."""
     from .sae import feature_activations, load_sae
@@ -107,5 +115,6 @@ def browser_data(cfg: RunConfig, per_pair: int = 60) -> list[dict]:
                 "hist_a": _histogram(vals["a"]), "hist_b": _histogram(vals["b"]),
                 "contexts_a": _contexts(tokens["a"], vals["a"], tokens, vals, texts),
                 "contexts_b": _contexts(tokens["b"], vals["b"], tokens, vals, texts),
+                **_json_links(cfg, la, lb, int(m["feat_a"]), int(m["feat_b"])),
             })
     return out

@@ -6,6 +6,7 @@
     crossdict transfer  --config ... [--layer 8 --feature_idx 12 --alpha 5]   steer B with A's features, stitch
     crossdict crosscode --config ... [--resume]            activations -> crosscoders (optional stage)
     crossdict report    --config ...                       run files -> report/index.html
+    crossdict export    --config ... [--format saedashboard|neuronpedia] [--features a:8:12]   dashboard JSON
     crossdict run       --config ...                       all stages, skipping finished ones
     crossdict plan      --config ... [--workers 1 8]       cache size and time estimates, before running
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write the self-contained HTML report from the run's files")
     _common(p)
+
+    p = sub.add_parser("export", help="per-feature dashboard JSON (SAEDashboard / Neuronpedia) for matched features")
+    _common(p)
+    p.add_argument("--format", choices=["saedashboard", "neuronpedia"], default="saedashboard",
+                   help="saedashboard: one JSON per feature; neuronpedia: one batch file per SAE")
+    p.add_argument("--features", nargs="+", default=[], metavar="MODEL:LAYER:FEATURE",
+                   help="also export these features (e.g. a:8:123), besides those in significant matches")
 
     p = sub.add_parser("run", help="all stages end to end, skipping stages whose outputs match the config")
     _common(p)
@@ -156,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             from .report import write_report
 
             write_report(cfg)
+        elif args.command == "export":
+            from .export import run_export
+            from .report import write_report
+
+            written = run_export(cfg, fmt=args.format, features=args.features, progress=progress)
+            if written and args.format == "saedashboard":
+                write_report(cfg)  # the feature browser now links its rows to the JSON
+            print(f"[crossdict] export: {len(written)} files under {cfg.report_dir / 'export' / args.format}")
         elif args.command == "run":
             from .pipeline import run_all
 

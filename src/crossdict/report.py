@@ -519,7 +519,7 @@ function render() {
     const hay = `${d.pair} ${d.feat_a} ${d.feat_b} ${JSON.stringify(d.promoted || {})}`.toLowerCase();
     if (f && !hay.includes(f)) continue;
     const tr = document.createElement("tr"); tr.dataset.i = d.i;
-    tr.innerHTML = `<td>A${d.layer_a}↔B${d.layer_b}</td><td>${d.feat_a}</td><td>${d.feat_b}</td><td>${d.act_corr.toFixed(3)}</td><td>${d.dec_cos.toFixed(3)}</td><td>${d.stability.toFixed(2)}</td><td>${d.q_value.toExponential(1)}</td>`;
+    tr.innerHTML = `<td>A${d.layer_a}↔B${d.layer_b}</td><td>${d.json_a ? `<a class="json" href="${d.json_a}">${d.feat_a}</a>` : d.feat_a}</td><td>${d.json_b ? `<a class="json" href="${d.json_b}">${d.feat_b}</a>` : d.feat_b}</td><td>${d.act_corr.toFixed(3)}</td><td>${d.dec_cos.toFixed(3)}</td><td>${d.stability.toFixed(2)}</td><td>${d.q_value.toExponential(1)}</td>`;
     tr.onclick = () => show(DATA[d.i], tr); tb.appendChild(tr);
   }
 }
