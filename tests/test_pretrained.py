@@ -319,3 +319,19 @@ def test_browser_row_links_to_the_exported_feature(exported):
         assert d["feature_index"] == feat and d["crossdict_matches"]
         browser.close()
     assert not errors, errors
+
+
+def test_gemmascope_config_fails_clearly_offline_within_seconds(tmp_path, capsys):
+    import time
+
+    from crossdict.cli import main
+
+    t0 = time.perf_counter()
+    rc = main(["run", "--config", "configs/gemmascope.yaml", "--no-progress", "--set", f"output_dir={tmp_path}"])
+    took = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert rc == 1 and took < 20, (rc, took, err)
+    for part in ("model_b (gemma3-270m) layer 5", "release 'gemma-scope-2-270m-pt-res-all'", "hook blocks.5.hook_resid_post",
+                 "'google/gemma-scope-2-270m-pt'", "huggingface-cli download google/gemma-scope-2-270m-pt"):
+        assert part in err, (part, err)
+    assert not (tmp_path / "gemmascope" / "cache").exists()  # nothing extracted before the check

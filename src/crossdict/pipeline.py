@@ -254,6 +254,9 @@ def why_stale(record: dict | None, inputs: dict, outputs_digest: str | None) -> 
 def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None) -> dict[str, str]:
     """Run every stage that is not current; returns {stage: 'ran' | 'skipped'}."""
     record_config(cfg)  # first write: an unwritable output_dir fails here, before any work
+    from .pretrained import check_sources
+
+    check_sources(cfg)  # a missing or unreachable pretrained SAE fails now, not after extraction
     t0 = time.perf_counter()
     ctx = Context(cfg, progress)
     digests: dict[str, str | None] = {}

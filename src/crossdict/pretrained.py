@@ -261,9 +261,8 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _load_registry(source: str, device: str) -> tuple[Any, list[Path]]:
-    from sae_lens import SAE
-
+def _registry_help(source: str) -> tuple[str, str, Any, str]:
+    """(release, sae_id, lookup, what-to-do text naming release, hook, repo and the download command)."""
     release, sae_id, lookup = _registry_entry(source)
     path = lookup.saes_map[sae_id]
     hook = registry_hook(path) or "(see the SAE's config)"
@@ -273,13 +272,50 @@ def _load_registry(source: str, device: str) -> tuple[Any, list[Path]]:
            + ("" if lookup.conversion_func is None else
               f" (only if that folder holds SAELens's cfg.json + sae_weights.safetensors; this release uses "
               f"SAELens's {lookup.conversion_func!r} converter, so keep the saelens: source and the HF cache)"))
+    return release, sae_id, lookup, how
+
+
+def _cached(repo_id: str, folder: str) -> bool:
+    """Whether the HF cache already holds files of `repo_id` under `folder` (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snap = Path(snapshot_download(repo_id, allow_patterns=[f"{folder}/*"], local_files_only=True))
+    except Exception:
+        return False
+    return any((snap / folder).glob("*"))
+
+
+def _load_registry(source: str, device: str) -> tuple[Any, list[Path]]:
+    from sae_lens import SAE
+
+    release, sae_id, lookup, how = _registry_help(source)
+    if _hub_offline() and not _cached(lookup.repo_id, lookup.saes_map[sae_id]):
+        raise PretrainedSAEError(f"sae_source {source!r}: offline (HF_HUB_OFFLINE is set) and not in the HF cache. {how}")
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device)
     except Exception as e:  # offline / not cached / network: one message that says what to do
-        offline = " (HF_HUB_OFFLINE is set and it is not in the HF cache)" if _hub_offline() else ""
-        raise PretrainedSAEError(f"sae_source {source!r}: cannot load{offline}: {type(e).__name__}: "
+        raise PretrainedSAEError(f"sae_source {source!r}: cannot load: {type(e).__name__}: "
                                  f"{str(e).splitlines()[0][:300] if str(e) else ''}. {how}") from None
     return sae, []
+
+
+def check_sources(cfg: RunConfig) -> None:
+    """Fail in seconds, before any model is loaded: every local source has a known layout, every registry
+    name exists, and offline every registry SAE is already in the HF cache."""
+    for key, layer, source in pretrained_layers(cfg):
+        where = f"model_{key} ({cfg.model(key).name}) layer {layer}:"
+        try:
+            if source_kind(source) == "saelens_registry":
+                _, sae_id, lookup, how = _registry_help(source)
+                hook = registry_hook(lookup.saes_map[sae_id])
+                if hook is not None:
+                    check_hook(hook, layer, f"sae_source {source!r}")
+                if _hub_offline() and not _cached(lookup.repo_id, lookup.saes_map[sae_id]):
+                    raise PretrainedSAEError(f"sae_source {source!r}: offline (HF_HUB_OFFLINE is set) and not in "
+                                             f"the HF cache. {how}")
+        except PretrainedSAEError as e:
+            raise PretrainedSAEError(f"{where} {e}") from None
 
 
 def load_source(source: str, device: str = "cpu") -> tuple[Any, list[Path], str]:
