@@ -225,15 +225,48 @@ def source_kind(source: str) -> str:
                              f"{sorted(p.name for p in path.iterdir())[:12]}")
 
 
+@dataclass
+class RegistryEntry:
+    """One release of SAELens's registry: the fields of `sae_lens`'s `PretrainedSAELookup` that we use."""
+
+    repo_id: str
+    model: str
+    conversion_func: str | None
+    saes_map: dict[str, str]
+    """SAE id -> folder in the repo."""
+
+
+_REGISTRY: dict[str, RegistryEntry] | None = None
+
+
+def registry() -> dict[str, RegistryEntry]:
+    """`sae_lens/pretrained_saes.yaml`, the file `SAE.from_pretrained` resolves names with, read without
+    importing sae_lens (16 s of CPU here), so a bad name or an offline miss fails in about a second."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        import importlib.util
+
+        import yaml
+
+        spec = importlib.util.find_spec("sae_lens")
+        if spec is None or not spec.submodule_search_locations:
+            raise PretrainedSAEError("saelens: sources need the sae-lens package (pip install sae-lens)")
+        path = Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        with path.open() as f:
+            raw = yaml.load(f, Loader=loader)
+        _REGISTRY = {name: RegistryEntry(v["repo_id"], v.get("model", ""), v.get("conversion_func"),
+                                         {s["id"]: s["path"] for s in v.get("saes", [])}) for name, v in raw.items()}
+    return _REGISTRY
+
+
 def _registry_entry(source: str) -> tuple[str, str, Any]:
     """(release, sae_id, lookup) from the registry bundled in sae_lens; unknown names list what exists."""
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
     rest = source[len(REGISTRY_PREFIX):]
     if "/" not in rest:
         raise PretrainedSAEError(f"sae_source {source!r}: expected 'saelens:<release>/<sae_id>'")
     release, sae_id = rest.split("/", 1)
-    directory = get_pretrained_saes_directory()
+    directory = registry()
     if release not in directory:
         close = difflib.get_close_matches(release, list(directory), n=5, cutoff=0.5)
         raise PretrainedSAEError(f"sae_source {source!r}: release {release!r} is not in SAELens's registry "
