@@ -36,6 +36,8 @@ def pretrained_run(tiny_models, tmp_path_factory, one_thread):
     data["model_b"]["sae_source"] = {1: str(dirs[("b", 1)])}
     from crossdict.config import config_from_dict
 
+    data["crosscoder"] = {"enabled": True, "expansion_factor": 2, "k": 4, "batch_size": 256, "train_tokens": 256 * 20,
+                          "checkpoint_every": 10, "dead_tokens_threshold": 2000, "aux_k": 8}
     cfg = config_from_dict(data)
     status = run_all(cfg, progress=False)
     return cfg, status, dirs, cache
@@ -52,8 +54,8 @@ def test_run_with_saelens_trained_saes_completes_and_lists_matches(pretrained_ru
         assert not (cfg.sae_dir(k, la) / "crossdict.json").exists()
     assert (cfg.sae_dir("b", 2) / "crossdict.json").is_file()
     rows = list(csv.DictReader((cfg.report_dir / "sae_metrics.csv").open()))
-    assert [r["seed"] for r in rows] == ["pretrained", "pretrained", "pretrained", "0"]
-    assert rows[0]["architecture"] == "topk (saelens)" and rows[2]["architecture"] == "jumprelu (saelens)"
+    assert [r["architecture"] for r in rows] == ["topk (pretrained saelens)"] * 2 + ["jumprelu (pretrained saelens)", "topk"]
+    assert [r["train_tokens"] for r in rows][:3] == ["0"] * 3 and rows[3]["train_tokens"] != "0"
     assert float(rows[0]["fvu"]) < 1.0 and abs(float(rows[0]["l0"]) - 4.0) < 1e-6  # TopK k=4
     matches = list(csv.DictReader((cfg.report_dir / "feature_matches.csv").open()))
     for la, lb in cfg.layer_pairs:  # one-to-one matches over the pretrained (and the mixed) dictionaries
@@ -64,6 +66,12 @@ def test_run_with_saelens_trained_saes_completes_and_lists_matches(pretrained_ru
     assert sig, "no significant matches"
     html = (cfg.report_dir / "index.html").read_text()
     assert 'id="browser"' in html and f'{sig[0]["feat_a"]}' in html
+    # The crosscoder comparison read the pretrained SAEs like trained ones (its SAE columns are filled).
+    cc = json.loads((cfg.report_dir / "crosscoder_summary.json").read_text())["pairs"]
+    assert [(p["layer_a"], p["layer_b"]) for p in cc] == cfg.layer_pairs
+    for p, ra, rb in zip(cc, rows[:2], rows[2:]):
+        assert p["has_matches"] and 0 < p["sae_fvu_a_same_rows"] < 1.0 and 0 < p["sae_fvu_b_same_rows"] < 1.0
+        assert abs(p["sae_fvu_a_report"] - float(ra["fvu"])) < 1e-5 and abs(p["sae_fvu_b_report"] - float(rb["fvu"])) < 1e-5
 
 
 def test_codes_and_reconstructions_equal_saelens_on_heldout_rows(pretrained_run):

@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                 _record_config(cfg)
             run_extract(cfg, progress=progress, dist=dist)
         elif args.command == "train":
-            from .pretrained import pretrained_layers
+            from .pretrained import clear_stale, pretrained_layers
             from .train import run_train
 
+            clear_stale(cfg)
             if pretrained_layers(cfg):  # pretrained SAEs are checked and recorded, the rest trained
                 from .pretrained_stage import run_train_with_pretrained
 

@@ -103,9 +103,10 @@ def _train_outputs(cfg: RunConfig) -> list[Path]:
 
 
 def _run_train(ctx: Context) -> None:
-    from .pretrained import pretrained_layers
+    from .pretrained import clear_stale, pretrained_layers
     from .train import run_train
 
+    clear_stale(ctx.cfg)
     if pretrained_layers(ctx.cfg):
         from .pretrained_stage import run_train_with_pretrained
 

@@ -508,3 +508,13 @@ def load_linked(path: str | Path, device: str | torch.device = "cpu") -> Pretrai
 
 def is_linked(path: str | Path) -> bool:
     return (Path(path) / SOURCE_FILE).is_file()
+
+
+def clear_stale(cfg: RunConfig) -> None:
+    """Drop `pretrained.json` where a layer is trained again (the record would shadow the trained SAE)."""
+    pre = {(k, la) for k, la, _ in pretrained_layers(cfg)}
+    for key in ("a", "b"):
+        for layer in cfg.model(key).layers:
+            if (key, layer) not in pre:
+                for seed in cfg.sae.seeds:
+                    (cfg.sae_dir(key, layer, seed) / SOURCE_FILE).unlink(missing_ok=True)

@@ -25,8 +25,9 @@ def _pretrained_row(cfg: RunConfig, cache: ActivationCache, key: str, layer: int
     max_norm = massive_activation_threshold(acts, cache.rows(key, "train"), cfg.sae.max_norm_ratio)
     sae = link(cfg, key, layer, cache.d_model(key), max_norm)
     metrics = evaluate_sae(sae, acts, drop_massive(acts, cache.rows(key, "heldout"), max_norm))
-    row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": "pretrained",
-           "architecture": f"{sae.spec.architecture} ({sae.spec.metadata['kind']})", "d_sae": sae.d_sae,
+    # Readers key rows by the first seed; "architecture" says the SAE is pretrained.
+    row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": cfg.sae.seeds[0],
+           "architecture": f"{sae.spec.architecture} (pretrained {sae.spec.metadata['kind']})", "d_sae": sae.d_sae,
            "train_tokens": 0, "wall_s": round(time.perf_counter() - t0, 2)}
     row.update({c: metrics.get(c, "") for c in CSV_COLUMNS if c not in row})
     return row

@@ -532,9 +532,11 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def is_complete(path: str | Path) -> bool:
-    """All three files of a saved SAE exist (crossdict.json is written last)."""
+    """All three files of a saved SAE exist (crossdict.json is written last), or a checked pretrained SAE's record."""
+    from .pretrained import is_linked
+
     path = Path(path)
-    return all((path / f).is_file() for f in (CFG_FILE, WEIGHTS_FILE, EXTRA_FILE))
+    return all((path / f).is_file() for f in (CFG_FILE, WEIGHTS_FILE, EXTRA_FILE)) or is_linked(path)
 
 
 @torch.no_grad()
