@@ -18,7 +18,6 @@ where its counterpart lives.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
