@@ -54,6 +54,8 @@ LOG_FILE = "training_log.jsonl"
 METRICS_FILE = "metrics.json"
 SCALE_SAMPLE_ROWS = 16384
 LOG_EVERY = 10
+THRESHOLD_BATCHES = 8
+"""A BatchTopK SAE's inference threshold is averaged over this many final batches (`SAE.calibrate_threshold`)."""
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of held-out tokens counts as dense."""
 
@@ -371,6 +373,8 @@ def train_sae(
     if stop < n_steps:
         dist.barrier()  # the checkpoint exists before any rank moves on
         return sae
+    if sae_cfg.architecture == "batchtopk":  # threshold from the final weights, on the last batches trained on
+        sae.calibrate_threshold((torch.from_numpy(take(s)).to(device) for s in range(max(0, n_steps - THRESHOLD_BATCHES), n_steps)), reduce)
     sae.eval()
     if dist.is_main:
         save_sae(sae, out_dir)
