@@ -301,6 +301,8 @@ def main() -> None:
             for name in trainers:
                 step_s, sae = (run_crossdict if name == "crossdict" else run_sae_lens)(x, cfg, a.sae_seed)
                 q = synthetic_quality(sae, fd, gen) if fd is not None else heldout_quality(sae, held)
+                print(f"  lr {lr:.0e} {name}: {a.batch / step_s:,.0f} tokens/s, "
+                      + ", ".join(f"{c} {v:.3f}" for c, v in q.items()), flush=True)
                 prev = rows.get((lr, name))
                 if prev is None or step_s < prev["step_s"]:
                     rows[(lr, name)] = {"step_s": step_s, **q}
