@@ -629,3 +629,19 @@ def test_lm_loss_keeps_massive_positions_clean():
     assert spliced["loss_sae"] != pytest.approx(spliced["loss_clean"], abs=1e-3)
     assert untouched["loss_sae"] == pytest.approx(untouched["loss_clean"], abs=1e-6)
     assert untouched["loss_zero"] == pytest.approx(untouched["loss_clean"], abs=1e-6)
+
+
+def test_batchtopk_threshold_is_usable_after_few_steps(tmp_path):
+    """The inference threshold tracks the batch's smallest kept activation from the first step on.
+
+    An EMA started at 0 without bias correction sits at 1 - 0.99**30 = 26% of its target after 30
+    steps, so held-out L0 explodes (issue 14: 1,010 instead of 32).
+    """
+    x, _ = planted(12_000, d=64, n_feat=256, active=8, seed=2)
+    acts, k = Arr(x), 8
+    cfg = small_cfg(architecture="batchtopk", k=k, batch_size=256, train_tokens=256 * 30, lr_warmup_steps=3)
+    sae = train_sae(acts, np.arange(10_000), cfg, seed=5, out_dir=tmp_path, resume=False, progress=False)
+    m = evaluate_sae(sae, acts, np.arange(10_000, 12_000))
+    assert abs(m["l0"] - k) <= 0.2 * k, m
+    # and it survives the SAELens-format round trip (saved as a JumpReLU threshold)
+    assert float(load_sae(tmp_path).threshold) == pytest.approx(float(sae.threshold), rel=1e-6)

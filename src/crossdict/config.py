@@ -82,6 +82,10 @@ class SAEConfig:
     lr: float = 4e-4
     lr_warmup_steps: int = 100
     lr_decay_fraction: float = 0.2
+    grad_clip_norm: float = 1.0
+    """Clip the gradient of the per-token squared error (scaled space: SAELens's loss units) to this norm, as
+    SAELens does; 0 = off. Adam (beta2 0.999) otherwise remembers the large early gradients for ~1000 steps and
+    a short run learns slowly (issue 14: planted-feature MCC 0.42 without, 0.49 with, SAELens 0.50)."""
     batch_size: int = 4096
     train_tokens: int = 2_000_000
     checkpoint_every: int = 200

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Iterable, Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -98,6 +98,12 @@ def _sq_about_mean(t: Tensor, reduce: Reduce | None) -> Tensor:
         return (t - t.mean(0)).pow(2).sum()
     mean = reduce.sum(t.sum(0)) / (t.shape[0] * reduce.world_size)
     return reduce.sum((t - mean).pow(2).sum())
+
+
+def _smallest_kept(vals: Tensor, keep: Tensor, reduce: Reduce | None) -> Tensor:
+    """Smallest of `vals[keep]` over the global batch; inf when nothing is kept."""
+    smallest = vals[keep].min() if keep.any() else vals.new_tensor(float("inf"))
+    return smallest if reduce is None else reduce.min(smallest)
 
 
 def _row_mean(v: Tensor, reduce: Reduce | None) -> Tensor:
@@ -222,8 +228,11 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, device=device))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device))
-        # BatchTopK inference threshold on pre-activations (SAELens: EMA of the smallest kept value).
+        # BatchTopK inference threshold on pre-activations: a bias-corrected EMA of each batch's smallest
+        # kept value (Bussmann et al. 2024 average it over batches; SAELens: EMA at rate 0.01).
+        # `threshold_weight` = 1 - 0.99**updates, the EMA's total weight; 0 until the first batch.
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("threshold_weight", torch.zeros((), dtype=torch.float64, device=device))
         self.reset_parameters()
 
     @property
@@ -292,17 +301,41 @@ class SAE(nn.Module):
             pool = vals if reduce is None else reduce.cat(vals)  # the whole batch's candidates, in rank order
             thr = pool.flatten().topk(k * pool.shape[0], sorted=False).values.min()
             keep = (vals >= thr) & (vals > 0)
-            lr = 0.01  # SAELens topk_threshold_lr: EMA of the smallest kept activation
-            if reduce is None:
-                if keep.any():
-                    self.threshold.mul_(1 - lr).add_(lr * vals[keep].min().double())
-            else:
-                smallest = reduce.min(vals[keep].min() if keep.any() else vals.new_tensor(float("inf")))
-                if torch.isfinite(smallest):
-                    self.threshold.mul_(1 - lr).add_(lr * smallest.double())
+            smallest = _smallest_kept(vals, keep, reduce)
+            if torch.isfinite(smallest):
+                self._update_threshold(smallest.double())
         else:
             keep = vals > self.threshold.to(vals.dtype)
         return idx, keep
+
+    @torch.no_grad()
+    def _update_threshold(self, smallest: Tensor, rate: float = 0.01) -> None:
+        """EMA (SAELens's topk_threshold_lr 0.01) with Adam-style bias correction: the threshold is the
+        weighted mean of the batches seen so far, so it is right from the first step, not 1-0.99**t of it."""
+        w_old = self.threshold_weight.clone()
+        self.threshold_weight.mul_(1 - rate).add_(rate)
+        self.threshold.copy_(((1 - rate) * w_old * self.threshold + rate * smallest) / self.threshold_weight)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: Iterable[Tensor], reduce: Reduce | None = None) -> None:
+        """Set the BatchTopK inference threshold from the *current* weights: the mean over `batches`
+        (raw `[n, d_in]` each) of the smallest activation BatchTopK keeps (Bussmann et al. 2024 §3).
+
+        The training-time EMA lags while the weights still move (early in training the smallest kept
+        value falls fast), so a short run ends with too high a threshold and too low an L0.
+        """
+        mins = []
+        for x in batches:
+            pre = F.linear(self._sae_in(x.to(self.W_enc.device)), self.W_enc, self.b_enc)
+            vals = pre.topk(min(self.d_sae, BATCHTOPK_CAP * self.spec.k), dim=-1, sorted=False).values
+            pool = vals if reduce is None else reduce.cat(vals)
+            thr = pool.flatten().topk(self.spec.k * pool.shape[0], sorted=False).values.min()
+            smallest = _smallest_kept(vals, (vals >= thr) & (vals > 0), reduce)
+            if torch.isfinite(smallest):
+                mins.append(float(smallest))
+        if mins:
+            self.threshold.fill_(sum(mins) / len(mins))
+            self.threshold_weight.fill_(1.0)
 
     # -- training forward ------------------------------------------------------------------------
 
@@ -528,6 +561,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
             thr = state["threshold"]
             _expect(bool((thr == thr[0]).all()), f"{w_path}: tensor 'threshold' must be one shared value for a BatchTopK SAE")
             sae.threshold.fill_(float(thr[0]))
+            sae.threshold_weight.fill_(1.0)  # a saved threshold is a finished estimate
     return sae
 
 

@@ -54,6 +54,8 @@ LOG_FILE = "training_log.jsonl"
 METRICS_FILE = "metrics.json"
 SCALE_SAMPLE_ROWS = 16384
 LOG_EVERY = 10
+THRESHOLD_BATCHES = 8
+"""A BatchTopK SAE's inference threshold is averaged over this many final batches (`SAE.calibrate_threshold`)."""
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of held-out tokens counts as dense."""
 
@@ -92,6 +94,7 @@ def validate_sae_config(cfg: SAEConfig, d_in: int, n_rows: int | None = None) ->
         (cfg.lr > 0 and math.isfinite(cfg.lr), f"sae.lr must be a positive number, got {cfg.lr}"),
         (cfg.lr_warmup_steps >= 0, f"sae.lr_warmup_steps must be >= 0, got {cfg.lr_warmup_steps}"),
         (0 <= cfg.lr_decay_fraction <= 1, f"sae.lr_decay_fraction must be in [0, 1], got {cfg.lr_decay_fraction}"),
+        (cfg.grad_clip_norm >= 0 and math.isfinite(cfg.grad_clip_norm), f"sae.grad_clip_norm must be >= 0 (0 = off), got {cfg.grad_clip_norm}"),
         (cfg.batch_size >= 1, f"sae.batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.train_tokens >= cfg.batch_size, f"sae.train_tokens={cfg.train_tokens} is less than one batch (sae.batch_size={cfg.batch_size})"),
         (cfg.checkpoint_every >= 1, f"sae.checkpoint_every must be >= 1, got {cfg.checkpoint_every}"),
@@ -342,6 +345,9 @@ def train_sae(
                                          "lower sae.lr or check the activations")
             (out.loss if grad_scale == 1 else out.loss * grad_scale).backward()  # DDP all-reduces here
             sae.remove_gradient_parallel_to_decoder_directions()
+            fvu_per_mse = float(out.fvu.detach()) / max(float(out.mse.detach()), 1e-30)  # = tokens / total variance
+            if sae_cfg.grad_clip_norm > 0 and fvu_per_mse > 0:  # d(fvu) / fvu_per_mse = d(per-token squared error)
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm * fvu_per_mse)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sae.set_decoder_norm_to_unit_norm()
@@ -371,6 +377,8 @@ def train_sae(
     if stop < n_steps:
         dist.barrier()  # the checkpoint exists before any rank moves on
         return sae
+    if sae_cfg.architecture == "batchtopk":  # threshold from the final weights, on the last batches trained on
+        sae.calibrate_threshold((torch.from_numpy(take(s)).to(device) for s in range(max(0, n_steps - THRESHOLD_BATCHES), n_steps)), reduce)
     sae.eval()
     if dist.is_main:
         save_sae(sae, out_dir)
