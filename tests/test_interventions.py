@@ -286,3 +286,40 @@ def test_equal_mapped_and_matched_give_a_paired_p_above_005_although_separate_bh
     assert paired[("b_mapped", "b_unmatched")]["p_value"] < 0.001 and paired[("b_mapped", "b_unmatched")]["rank_biserial"] == 1.0
     text = " ".join(transfer_summary(rows, 2.0, 0.05, paired_rows(rows))["lines"])
     assert "95th percentile" not in text and "paired Wilcoxon" in text and "p floor 1/200" in text
+
+
+def pca_sae(h: torch.Tensor, m: int) -> SAE:
+    """An SAE whose reconstruction is the projection onto the top-`m` principal directions of `h` `[n, d]`."""
+    h = h.detach()
+    d = h.shape[1]
+    mean = h.mean(0)
+    vh = torch.linalg.svd(h - mean, full_matrices=False)[2][:m]
+    sae = SAE(SAESpec("topk", d, 2 * m, k=2 * m))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([vh, -vh]))
+        sae.W_dec.copy_(torch.cat([vh, -vh]))
+        sae.b_enc.zero_()
+        sae.b_dec.copy_(mean)
+    return sae
+
+
+def test_transferred_sae_on_the_rotated_copy_recovers_the_loss_and_a_random_map_does_not(llama):
+    from crossdict.sae_transfer import sae_transfer_rows
+
+    d = llama.d_model
+    Q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1)))[0]
+    twin = rotated_copy(llama, Q)
+    batch = llama.tokenize(TEXTS, 32)
+    ha = llama.hidden_states(batch, [1])[1][batch.is_content]
+    sae_a = pca_sae(ha, d - 2)
+    y = twin.hidden_states(batch, [1])[1][batch.is_content]
+    sae_b = pca_sae(y, d - 2)
+    clean = clean_run(twin, [batch])
+    maps = {"procrustes": LinearMap("procrustes", Q.numpy(), np.zeros(d, np.float32))}
+    rows = {(r["sae"], r["map"]): r for r in sae_transfer_rows(1, 1, twin, clean, 1, sae_a, sae_b, maps, y, None)}
+    own, tr, floor = rows[("b_own", "none")], rows[("a_transferred", "procrustes")], rows[("a_random_map", "procrustes")]
+    assert tr["ce_recovered"] >= 0.99 and tr["kl_recovered"] >= 0.99
+    assert tr["ce_recovered"] == pytest.approx(own["ce_recovered"], abs=1e-3)
+    assert tr["fvu"] == pytest.approx(own["fvu"], abs=1e-4)
+    assert floor["fvu"] > 5 * tr["fvu"] and floor["kl"] > 5 * tr["kl"]
+    assert own["err_top_pc_share"] < 0.01  # a PCA SAE's error lives outside the top principal directions

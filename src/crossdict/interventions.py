@@ -60,6 +60,7 @@ from .backend import Backend, Batch, Edit
 from .cache import ActivationCache
 from .config import RunConfig
 from .matching import read_matches
+from .sae_transfer import SAE_TRANSFER_COLUMNS, sae_transfer_rows
 from .stats import bh_qvalues
 from .transfer_controls import (
     CONTROL_KINDS,
@@ -759,6 +760,25 @@ def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], f
     return hit
 
 
+def sweep_plan(cfg: RunConfig, cache: ActivationCache, matches: list[MatchedPair], plan: dict, feature_idx: int | None,
+               fires: dict) -> dict[tuple[int, int], list[MatchedPair]]:
+    """The pairs the full sweep tests at every configured layer pair: passages are chosen for them, so a
+    one-feature run reads the same passages as the sweep (and reproduces its numbers)."""
+    if feature_idx is None and set(plan) == set(cfg.layer_pairs):
+        return plan
+    out = {}
+    for la, lb in cfg.layer_pairs:
+        try:
+            here = [m for m in matches if (m.layer_a, m.layer_b) == (la, lb)]
+            if (la, lb) not in fires:  # fills `fires` for layer pairs this run does not test
+                here, fires[(la, lb)] = with_support(cfg, cache, la, lb, _load_side_files(cfg, "a", la),
+                                                     _load_side_files(cfg, "b", lb), matches)
+            out[(la, lb)] = select_pairs(cfg, la, lb, here, None, 0, lambda f: [])
+        except TransferError:
+            continue
+    return out
+
+
 def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, layer_a: int | None = None,
                  feature_idx: int | None = None, alphas: list[float] | None = None, progress: bool = True) -> dict:
     """Injection, stitching and feature patching for every configured layer pair (or one feature); writes the CSVs.
@@ -792,7 +812,7 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         backends = load_backends(cfg)
     union: dict[tuple[int, int], set[int]] = {}
     tested: list[tuple[int, int]] = []
-    for (la, lb), todo in plan.items():  # feature ids of different layers are different features: key by layer too
+    for (la, lb), todo in sweep_plan(cfg, cache, matches, plan, feature_idx, fires).items():  # keyed by layer: ids differ per layer
         for m in todo:
             union[(la, m.feat_a)] = fires[(la, lb)].get(m.feat_a, set())
             tested.append((la, m.feat_a))
@@ -804,7 +824,7 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
     vocab = shared_vocab(strings["a"], strings["b"])
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    transfer, examples, stitching, patching = [], [], [], []
+    transfer, examples, stitching, patching, sae_transfer = [], [], [], [], []
     for (la, lb), (sae_a, sae_b, maps) in loaded.items():
         a_rows, b_rows = cache.rows("a", "train"), cache.rows("b", "train")
         s_a, freq_a = activation_stats(sae_a, cache.acts("a", la), a_rows, seed=cfg.seed)
@@ -830,7 +850,12 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
             continue
         pairing = pair_batches(a, b, sae_a.spec.metadata.get("max_norm"), sae_b.spec.metadata.get("max_norm"))
         mean_b = cache.acts("b", lb).take(np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))).mean(0)
-        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen)
+        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen, seed=cfg.seed)
+        ho = cache.rows("b", "heldout")
+        y_ho = torch.from_numpy(np.asarray(cache.acts("b", lb).take(np.sort(rng.choice(ho, min(len(ho), 4096), replace=False))),
+                                           np.float32))
+        sae_transfer += sae_transfer_rows(la, lb, b.backend, b.clean, lb, sae_a, sae_b, maps, y_ho,
+                                          sae_b.spec.metadata.get("max_norm"), cfg.seed)
         patching += feature_patch_rows(todo[: tcfg.n_patch_features], a, b, pairing, s_a, s_b, alive_b,
                                        tcfg.n_patch_controls, rng)
     bh_by_family(transfer)
@@ -849,10 +874,12 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         atomic_write_json(rd / "transfer_examples.json", {"alphas": alphas, "examples": examples})
         _write_csv(rd / "transfer.csv", TRANSFER_COLUMNS, transfer)
         _write_csv(rd / "transfer_paired.csv", PAIRED_COLUMNS, paired)
+        _write_csv(rd / "sae_transfer.csv", SAE_TRANSFER_COLUMNS, sae_transfer)
     summary = transfer_summary(transfer, max(alphas), cfg.align.q_threshold, paired)
     for line in summary["lines"]:
         print(f"[crossdict] transfer: {line}")
     return {"transfer": transfer, "stitching": stitching, "patching": patching, "examples": examples, "paired": paired,
+            "sae_transfer": sae_transfer,
             **summary}
 
 
