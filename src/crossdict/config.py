@@ -280,6 +280,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "retrieval_candidates": (lambda v: v >= 2, "an integer >= 2"),
     "q_threshold": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "n_random_controls": (lambda v: v >= 1, "an integer >= 1"),
+    "min_support_passages": (lambda v: v >= 1, "an integer >= 1"),
     "alphas": (lambda v: len(v) >= 1 and all(math.isfinite(a) for a in v), "a non-empty list of finite numbers"),
     "n_features": (lambda v: v >= 1, "an integer >= 1"),
     "n_passages": (lambda v: v >= 1, "an integer >= 1"),
