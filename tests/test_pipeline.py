@@ -216,19 +216,32 @@ def test_transfer_stage_writes_injection_stitching_and_patching(finished_run):
     cfg, _ = finished_run
     rows = list(csv.DictReader((cfg.report_dir / "transfer.csv").open()))
     assert {r["direction"] for r in rows} == {"a_self", "b_matched", "b_mapped", "b_unmatched"}
-    assert len(rows) == len(cfg.layer_pairs) * 2 * 4  # 2 features x 1 alpha x 4 kinds per layer pair
+    # 2 features x 1 alpha x (a_self + 3 B directions x 3 null kinds) per layer pair
+    assert len(rows) == len(cfg.layer_pairs) * 2 * (1 + 3 * 3)
     b = [r for r in rows if r["direction"] != "a_self"]
+    assert {r["control"] for r in b} == {"specificity", "on_manifold", "isotropic"}
+    assert all(r["family"] == f"inject {r['direction']} vs {r['control']} alpha=4" for r in b)
+    paired = list(csv.DictReader((cfg.report_dir / "transfer_paired.csv").open()))
+    assert {(r["x"], r["y"]) for r in paired} == {("b_mapped", "b_matched"), ("b_mapped", "b_unmatched"),
+                                                   ("b_matched", "b_unmatched")}
+    assert all(0 <= float(r["p_value"]) <= 1 and r["test"].startswith("wilcoxon") for r in paired)
     assert all(-1 <= float(r["agreement"]) <= 1 and 1 / 9 - 1e-6 <= float(r["p_value"]) <= 1 for r in b), [
         (r["direction"], r["agreement"], r["p_value"]) for r in b]
     assert all(float(r["q_value"]) >= float(r["p_value"]) for r in b)
     stitch = list(csv.DictReader((cfg.report_dir / "stitching.csv").open()))
     maps = {r["map"] for r in stitch if r["control"] == "none"}
     assert {"procrustes", "ridge", "procrustes_z", "ridge_z"} <= maps
+    assert {r["map"] for r in stitch if r["control"] == "shuffled"} == maps  # every map has its shuffled control
     for r in stitch:
+        if r["map"] != "none":
+            assert float(r["ci_low"]) <= float(r["frac_recovered"]) + 1e-9 <= float(r["ci_high"]) + 2e-9
         if r["control"] == "clean":
             assert float(r["frac_recovered"]) == 1.0
         if r["control"] == "mean":
             assert float(r["frac_recovered"]) == 0.0
+    sae_t = list(csv.DictReader((cfg.report_dir / "sae_transfer.csv").open()))
+    assert {r["sae"] for r in sae_t} == {"b_own", "b_own_random_error", "a_transferred", "a_random_map"}
+    assert all(float(r["fvu"]) >= 0 for r in sae_t)
     patch = list(csv.DictReader((cfg.report_dir / "feature_patching.csv").open()))
     assert len(patch) == 2 * len(cfg.layer_pairs) and all(float(r["kl_patch"]) >= 0 for r in patch)
     ex = json.loads((cfg.report_dir / "transfer_examples.json").read_text())["examples"]

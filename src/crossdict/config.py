@@ -141,17 +141,21 @@ class AlignConfig:
 class TransferConfig:
     enabled: bool = True
     """Run the transfer stage in `crossdict run` (injection, stitching, feature patching)."""
-    n_features: int = 8
-    """Top matched pairs (by activation correlation, q < align.q_threshold) injected per layer pair."""
+    n_features: int = 16
+    """Top matched pairs (by activation correlation, q < align.q_threshold, both features firing in >=
+    `min_support_passages` held-out passages) injected per layer pair."""
+    min_support_passages: int = 5
+    """Support rule: a matched pair is tested only if both features fire in this many held-out passages."""
     alphas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     """Injection strengths in units of the feature's typical activation (0 is skipped: the identity)."""
-    n_random_controls: int = 32
-    """Random directions of the same norm per feature and alpha (the null for agreement)."""
+    n_random_controls: int = 199
+    """Controls per null kind (specificity, on-manifold, isotropic), feature and alpha, all of the candidate's norm;
+    the smallest permutation p is 1/(n + 1) (0.005 at 199)."""
     min_freq: float = 0.001
     """Only pairs whose features both fire on at least this fraction of train tokens are injected: a
     correlation resting on a handful of tokens ranks high but says little about the direction."""
     n_passages: int = 32
-    """Held-out passages the interventions run on."""
+    """Held-out passages the interventions run on (those where the tested A features fire most are chosen)."""
     passage_chars: int = 400
     """Each passage is cut to this many characters (at whitespace); both models read the same text."""
     batch_size: int = 8
@@ -159,10 +163,10 @@ class TransferConfig:
     """Promoted strings compared across models (top-k overlap) and shown in the report."""
     direction_map: Literal["procrustes", "procrustes_z", "ridge", "ridge_z"] = "procrustes"
     """Fitted map whose linear part carries A's decoder direction into B (`b_mapped`)."""
-    n_patch_features: int = 8
+    n_patch_features: int = 16
     """Matched pairs tested by feature-level patching per layer pair."""
-    n_patch_controls: int = 16
-    """Random live B features patched the same way, per pair."""
+    n_patch_controls: int = 199
+    """Random live B features patched the same way, per pair (smallest p 1/(n + 1): 0.005 at 199)."""
 
 
 @dataclass
@@ -283,6 +287,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "retrieval_candidates": (lambda v: v >= 2, "an integer >= 2"),
     "q_threshold": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "n_random_controls": (lambda v: v >= 1, "an integer >= 1"),
+    "min_support_passages": (lambda v: v >= 1, "an integer >= 1"),
     "alphas": (lambda v: len(v) >= 1 and all(math.isfinite(a) for a in v), "a non-empty list of finite numbers"),
     "n_features": (lambda v: v >= 1, "an integer >= 1"),
     "n_passages": (lambda v: v >= 1, "an integer >= 1"),

@@ -60,19 +60,32 @@ from .backend import Backend, Batch, Edit
 from .cache import ActivationCache
 from .config import RunConfig
 from .matching import read_matches
+from .sae_transfer import SAE_TRANSFER_COLUMNS, sae_transfer_rows
 from .stats import bh_qvalues
+from .transfer_controls import (
+    CONTROL_KINDS,
+    control_vectors,
+    covariance_root,
+    frequency_matched,
+    normal_rows,
+    paired_test,
+    shifts_many,
+)
 from .utils import atomic_write_json, atomic_write_text
 
 TRANSFER_COLUMNS = (
-    "layer_a", "layer_b", "feat_a", "feat_b", "act_corr", "match_q", "alpha", "direction", "kl",
-    "agreement", "top_overlap", "control_mean", "control_sd", "control_z", "control_percentile", "p_value", "q_value",
-    "top_a", "top_b",
+    "layer_a", "layer_b", "feat_a", "feat_b", "act_corr", "match_q", "alpha", "direction", "control", "n_controls",
+    "kl", "abs_dlogp", "agreement", "top_overlap", "control_mean", "control_sd", "control_z", "control_percentile",
+    "p_value", "family", "q_value", "top_a", "top_b",
 )  # fmt: skip
-STITCH_COLUMNS = ("layer_a", "layer_b", "map", "control", "loss", "frac_recovered", "frac_recovered_zero", "n_tokens", "n_patched")
+STITCH_COLUMNS = ("layer_a", "layer_b", "map", "control", "loss", "frac_recovered", "ci_low", "ci_high",
+                  "frac_recovered_zero", "n_tokens", "n_patched", "n_passages")
 PATCH_COLUMNS = (
     "layer_a", "layer_b", "feat_a", "feat_b", "kl_patch", "kl_ablate", "kl_random_mean", "random_percentile", "p_value",
-    "q_value", "n_patched",
+    "n_controls", "family", "q_value", "n_patched",
 )  # fmt: skip
+PAIRED_COLUMNS = ("layer_a", "layer_b", "alpha", "x", "y", "metric", "test", "n_pairs", "median_x", "median_y",
+                  "median_diff", "rank_biserial", "statistic", "p_value", "family", "q_value")
 STITCH_MAPS = ("procrustes", "ridge", "procrustes_z", "ridge_z")
 
 
@@ -183,13 +196,15 @@ class CleanRun:
 
 
 def clean_run(backend: Backend, batches: list[Batch]) -> CleanRun:
-    logp, nll, n = [], 0.0, 0
+    logp, per = [], []
     for b in batches:
         full = F.log_softmax(backend.logits(b), -1)
-        s, c = _next_nll(full, b)
-        nll, n = nll + s, n + c
+        per.append(_next_nll_passages(full, b))
         logp.append(full[b.is_content])
-    return CleanRun(batches, logp, nll / max(n, 1))
+    per_all = np.concatenate(per)
+    run = CleanRun(batches, logp, float(per_all[:, 0].sum()) / max(int(per_all[:, 1].sum()), 1))
+    run.memo["nll_passages"] = per_all
+    return run
 
 
 @dataclass
@@ -200,14 +215,24 @@ class Effect:
     """`[vocab]` mean change of each token's log-probability."""
     nll: float
     """Mean next-token NLL of the edited model over content positions that have a next content token."""
+    abs_dlogp: float = math.nan
+    """Mean over measured positions and the `ids` given (shared strings) of |Δ log p|: the effect size."""
+    nll_passages: np.ndarray | None = None
+    """`[n_passages, 2]` summed next-token NLL and its token count per passage (for CIs over passages)."""
 
 
 def _next_nll(logp: torch.Tensor, batch: Batch) -> tuple[float, int]:
     """Summed NLL over content positions with a next content token; `logp` `[b, seq, vocab]`."""
-    valid = batch.is_content[:, :-1] & batch.is_content[:, 1:]
+    per = _next_nll_passages(logp, batch)
+    return float(per[:, 0].sum()), int(per[:, 1].sum())
+
+
+def _next_nll_passages(logp: torch.Tensor, batch: Batch) -> np.ndarray:
+    """`[b, 2]` summed NLL and count per passage over content positions with a next content token."""
+    valid = (batch.is_content[:, :-1] & batch.is_content[:, 1:]).to(logp.device)
     target = batch.input_ids[:, 1:].to(logp.device)
     nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0]
-    return float(nll[valid.to(logp.device)].sum()), int(valid.sum())
+    return np.stack([(nll * valid).sum(1).double().cpu().numpy(), valid.sum(1).cpu().numpy()], 1)
 
 
 def _vocab_restricted(backend: Backend, ids: np.ndarray | None) -> Any:
@@ -217,25 +242,30 @@ def _vocab_restricted(backend: Backend, ids: np.ndarray | None) -> Any:
     return backend.output_vocab(torch.from_numpy(np.asarray(ids)))
 
 
-def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]]) -> Effect:
+def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]],
+                  ids: np.ndarray | None = None) -> Effect:
     """Run every batch with `edits_for(batch_index, batch)` and compare with the clean pass."""
-    kl_sum, n, nll_sum, n_nll, dsum = 0.0, 0, 0.0, 0, None
+    kl_sum, n, nll_sum, n_nll, dsum, abs_sum, per = 0.0, 0, 0.0, 0, None, 0.0, []
+    sub = None if ids is None else torch.from_numpy(np.asarray(ids))
     for i, (b, logp0) in enumerate(zip(clean.batches, clean.logp)):
         full = F.log_softmax(backend.logits(b, edits_for(i, b)), -1)
-        s, c = _next_nll(full, b)
-        nll_sum, n_nll = nll_sum + s, n_nll + c
+        per.append(_next_nll_passages(full, b))
+        nll_sum, n_nll = nll_sum + float(per[-1][:, 0].sum()), n_nll + int(per[-1][:, 1].sum())
         logp = full[b.is_content]
         del full
         kl_sum += float((logp0.exp() * (logp0 - logp)).sum())
         d = (logp - logp0).sum(0, dtype=torch.float64)
+        if sub is not None:
+            abs_sum += float((logp[:, sub] - logp0[:, sub]).abs().mean(1).sum())
         dsum = d if dsum is None else dsum + d
         n += logp.shape[0]
-    return Effect(kl_sum / n, (dsum / n).float().cpu().numpy(), nll_sum / max(n_nll, 1))
+    return Effect(kl_sum / n, (dsum / n).float().cpu().numpy(), nll_sum / max(n_nll, 1),
+                  abs_sum / n if sub is not None else math.nan, np.concatenate(per))
 
 
-def inject(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor) -> Effect:
-    """Add `vector` `[d_model]` after block `layer` at every content position."""
-    return edited_effect(backend, clean, lambda i, b: {layer: add_at(vector, b.is_content)})
+def inject(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor, ids: np.ndarray | None = None) -> Effect:
+    """Add `vector` `[d_model]` after block `layer` at every content position (|Δ log p| over `ids`)."""
+    return edited_effect(backend, clean, lambda i, b: {layer: add_at(vector, b.is_content)}, ids)
 
 
 def inject_shift(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor, ids: np.ndarray) -> np.ndarray:
@@ -296,9 +326,12 @@ def promoted(dlogp: np.ndarray, strings: list[str | None], top: int = 20) -> lis
 def control_stats(value: float, controls: np.ndarray) -> dict[str, float]:
     """Where `value` falls among control values: z-score, percentile, one-sided permutation p."""
     c = controls[np.isfinite(controls)]
-    if not math.isfinite(value) or len(c) == 0:
+    if len(c) == 0:
         return {"control_mean": math.nan, "control_sd": math.nan, "control_z": math.nan, "control_percentile": math.nan,
                 "p_value": math.nan}
+    if not math.isfinite(value):  # no change at all (a zero or null-space direction): it beats nothing
+        return {"control_mean": float(c.mean()), "control_sd": math.nan, "control_z": math.nan,
+                "control_percentile": 0.0, "p_value": 1.0}
     sd = float(c.std(ddof=1)) if len(c) > 1 else math.nan
     return {"control_mean": float(c.mean()), "control_sd": sd,
             "control_z": (value - float(c.mean())) / sd if sd and sd > 0 else math.nan,
@@ -317,10 +350,14 @@ def cut_text(text: str, max_chars: int) -> str:
     return text[: ws if ws > 0 else max_chars]
 
 
-def heldout_texts(cache: ActivationCache, n: int, max_chars: int) -> list[str]:
-    """The first `n` held-out passages the models read during extraction, cut to `max_chars`."""
+def heldout_passages(cache: ActivationCache) -> list[int]:
     tok = cache.tokens("a")
-    pids = sorted(set(tok[tok[:, 5] == 1, 0].tolist()))[:n]
+    return sorted(set(tok[tok[:, 5] == 1, 0].tolist()))
+
+
+def heldout_texts(cache: ActivationCache, n: int, max_chars: int, pids: list[int] | None = None) -> list[str]:
+    """Held-out passages the models read during extraction (`pids`, else the first `n`), cut to `max_chars`."""
+    pids = heldout_passages(cache)[:n] if pids is None else pids
     texts = cache.passage_texts()
     out = [cut_text(texts[p], max_chars) for p in pids]
     if not out:
@@ -339,6 +376,11 @@ def raw_decoder(sae: Any) -> torch.Tensor:
 
 def typical_activation(sae: Any, acts: Any, rows: np.ndarray, max_rows: int = 8192, seed: int = 0) -> np.ndarray:
     """`[d_sae]` mean activation of each latent where it fires, over up to `max_rows` cache rows (0: never fired)."""
+    return activation_stats(sae, acts, rows, max_rows, seed)[0]
+
+
+def activation_stats(sae: Any, acts: Any, rows: np.ndarray, max_rows: int = 8192, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(`[d_sae]` mean activation where it fires, `[d_sae]` firing rate) over up to `max_rows` cache rows."""
     from .sae import feature_activations
 
     rng = np.random.default_rng(seed)
@@ -348,7 +390,7 @@ def typical_activation(sae: Any, acts: Any, rows: np.ndarray, max_rows: int = 81
         vals = feature_activations(sae, acts, rows[s : s + 1024], np.arange(sae.d_sae))
         total += vals.sum(0)
         fired += (vals > 0).sum(0)
-    return np.where(fired > 0, total / np.maximum(fired, 1), 0.0)
+    return np.where(fired > 0, total / np.maximum(fired, 1), 0.0), fired / max(len(rows), 1)
 
 
 @dataclass
@@ -361,13 +403,57 @@ class MatchedPair:
     q_value: float
     min_freq: float = 1.0
     """The smaller of the two features' firing frequencies on train tokens."""
+    n_passages: float = math.inf
+    """The fewer of the two features' held-out firing passages (support rule); inf when not known."""
 
 
 def load_matches(path: Path) -> list[MatchedPair]:
     if not path.is_file():
         raise TransferError(f"no feature matches at {path}; run the align stage first (crossdict align)")
     return [MatchedPair(r["layer_a"], r["layer_b"], r["feat_a"], r["feat_b"], r["act_corr"], r["q_value"],
-                        min(r["freq_a"], r["freq_b"])) for r in read_matches(path)]
+                        min(r["freq_a"], r["freq_b"]),
+                        min(r.get("n_passages_a", math.inf), r.get("n_passages_b", math.inf)))
+            for r in read_matches(path)]
+
+
+def firing_passages(sae: Any, acts: Any, tokens: np.ndarray, rows: np.ndarray, feats: np.ndarray,
+                    max_rows: int = 8192) -> dict[int, set[int]]:
+    """`{feat: set of passage ids}` where each latent of `feats` fires, over held-out cache `rows` (whole
+    passages, the first up to `max_rows` rows); for the support rule when feature_matches.csv lacks it."""
+    from .sae import feature_activations
+
+    rows = np.sort(rows)
+    pids = tokens[rows, 0]
+    if len(rows) > max_rows:
+        keep = pids <= pids[max_rows - 1]
+        rows, pids = rows[keep], pids[keep]
+    feats = np.unique(np.asarray(feats, int))
+    vals = feature_activations(sae, acts, rows, feats)
+    return {int(f): set(np.unique(pids[vals[:, j] > 0]).tolist()) for j, f in enumerate(feats)}
+
+
+def with_support(cfg: RunConfig, cache: ActivationCache, la: int, lb: int, sae_a: Any, sae_b: Any,
+                 matches: list[MatchedPair]) -> tuple[list[MatchedPair], dict[int, set[int]]]:
+    """The pairs at (la, lb) with their held-out support filled in where unknown, and A's firing passages."""
+    here = [m for m in matches if m.layer_a == la and m.layer_b == lb and m.q_value < cfg.align.q_threshold]
+    if not here:
+        return [], {}
+    fa = firing_passages(sae_a, cache.acts("a", la), cache.tokens("a"), cache.rows("a", "heldout"), [m.feat_a for m in here])
+    fb = None
+    if any(not math.isfinite(m.n_passages) for m in here):
+        fb = firing_passages(sae_b, cache.acts("b", lb), cache.tokens("b"), cache.rows("b", "heldout"),
+                             [m.feat_b for m in here])
+    out = []
+    for m in here:
+        n = m.n_passages if fb is None else min(len(fa[m.feat_a]), len(fb[m.feat_b]))
+        out.append(MatchedPair(m.layer_a, m.layer_b, m.feat_a, m.feat_b, m.act_corr, m.q_value, m.min_freq, n))
+    return out, fa
+
+
+def choose_passages(fires: dict[Any, set[int]], feats: list[Any], heldout: list[int], n: int) -> list[int]:
+    """`n` held-out passage ids where the tested A features fire most (ties: passage order)."""
+    score = {p: sum(p in fires.get(f, ()) for f in feats) for p in heldout}
+    return sorted(sorted(heldout, key=lambda p: (-score[p], p))[:n])
 
 
 def nearest_candidates(dec_a: torch.Tensor, dec_b: torch.Tensor, rotation: np.ndarray, feat_a: int, n: int = 5) -> list[tuple[int, float]]:
@@ -394,41 +480,69 @@ class Side:
 
 def injection_rows(pair: MatchedPair, a: Side, b: Side, linear: np.ndarray, s_a: float, s_b: float, alphas: list[float],
                    vocab: SharedVocab, unmatched_b: int, s_unmatched: float, n_controls: int, top: int,
-                   gen: torch.Generator) -> tuple[list[dict], dict]:
-    """transfer.csv rows for one matched pair (every α × direction kind) and its promoted strings."""
+                   gen: torch.Generator, freq_a: np.ndarray | None = None, cov_root: torch.Tensor | None = None,
+                   kinds: tuple[str, ...] = CONTROL_KINDS) -> tuple[list[dict], dict]:
+    """transfer.csv rows for one matched pair (every α × direction kind × control kind) and its promoted strings.
+
+    Controls (see transfer_controls): `specificity` needs `freq_a` (A's firing rates, for frequency
+    matching), `on_manifold` needs `cov_root`; kinds whose input is missing are skipped. Every
+    control vector has the norm of the candidate B direction (s_b·‖d_b‖).
+    """
     dec_a, dec_b = raw_decoder(a.sae), raw_decoder(b.sae)
+    W = torch.from_numpy(np.asarray(linear, np.float32))
     u_a = dec_a[pair.feat_a] * s_a
     norm_b = float((dec_b[pair.feat_b] * s_b).norm())
     unit = lambda v: v / v.norm().clamp_min(1e-12)  # noqa: E731
     directions = {
         "b_matched": unit(dec_b[pair.feat_b]),
-        "b_mapped": unit(torch.from_numpy(np.asarray(linear, np.float32)).T @ dec_a[pair.feat_a]),
+        "b_mapped": _unit_or_zero(W.T @ dec_a[pair.feat_a], float(dec_a[pair.feat_a].norm())),
         "b_unmatched": unit(dec_b[unmatched_b] * max(s_unmatched, 1e-12)),
     }
-    randoms = [unit(torch.randn(dec_b.shape[1], generator=gen)) for _ in range(n_controls)]
+    inputs = {"specificity": freq_a, "on_manifold": cov_root, "isotropic": True}
+    kinds = tuple(k for k in kinds if inputs[k] is not None)
+    mapped_others = None
+    if "specificity" in kinds:
+        others = frequency_matched(np.asarray(freq_a), pair.feat_a, n_controls)
+        mapped_others = dec_a[torch.from_numpy(others)] @ W
+    ctrl_unit = {k: control_vectors(k, n_controls, 1.0, dec_b.shape[1], gen, mapped_a=mapped_others, cov_root=cov_root)
+                 for k in kinds}
     rows, example = [], {}
     for alpha in alphas:
-        eff_a = inject(a.backend, a.clean, a.layer, alpha * u_a)
+        eff_a = inject(a.backend, a.clean, a.layer, alpha * u_a, vocab.ids_a)
         xa = eff_a.dlogp[vocab.ids_a]
-        ctrl_agree = np.array([agreement(xa, inject_shift(b.backend, b.clean, b.layer, alpha * norm_b * r, vocab.ids_b),
-                                         top)[0] for r in randoms])
+        clean_part = _clean_logits_mean(b.clean, b.backend, vocab.ids_b)
+        ctrl_agree = {}
+        for k, units in ctrl_unit.items():
+            shifts = shifts_many(b.backend, b.clean.batches, b.layer, alpha * norm_b * units, vocab.ids_b,
+                                 lambda: _vocab_restricted(b.backend, vocab.ids_b)) - clean_part
+            ctrl_agree[k] = np.array([agreement(xa, x.numpy(), top)[0] for x in shifts])
         base = {"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
                 "act_corr": pair.act_corr, "match_q": pair.q_value, "alpha": alpha}
         top_a = promoted(eff_a.dlogp, a.strings, top)
-        rows.append({**base, "direction": "a_self", "kl": eff_a.kl, "top_a": "|".join(top_a[:8])})
+        rows.append({**base, "direction": "a_self", "control": "none", "kl": eff_a.kl, "abs_dlogp": eff_a.abs_dlogp,
+                     "top_a": "|".join(top_a[:8])})
         for kind, u in directions.items():
-            eff = inject(b.backend, b.clean, b.layer, alpha * norm_b * u)
+            eff = inject(b.backend, b.clean, b.layer, alpha * norm_b * u, vocab.ids_b)
             rho, overlap = agreement(xa, eff.dlogp[vocab.ids_b], top)
             top_b = promoted(eff.dlogp, b.strings, top)
-            rows.append({**base, "direction": kind, "kl": eff.kl, "agreement": rho,
-                         "top_overlap": overlap, **control_stats(rho, ctrl_agree), "top_a": "|".join(top_a[:8]),
-                         "top_b": "|".join(top_b[:8])})
+            for k, c in ctrl_agree.items():
+                rows.append({**base, "direction": kind, "control": k, "n_controls": len(c), "kl": eff.kl,
+                             "abs_dlogp": eff.abs_dlogp, "agreement": rho, "top_overlap": overlap,
+                             **control_stats(rho, c), "family": f"inject {kind} vs {k} alpha={alpha:g}",
+                             "top_a": "|".join(top_a[:8]), "top_b": "|".join(top_b[:8])})
             if alpha == max(alphas):
                 example[f"promoted_{kind}"] = top_b
         if alpha == max(alphas):
             example.update({"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
                             "alpha": alpha, "promoted_a": top_a, "promoted_b": example.get("promoted_b_mapped", [])})
     return rows, example
+
+
+def _unit_or_zero(v: torch.Tensor, ref: float, tol: float = 1e-5) -> torch.Tensor:
+    """v / ‖v‖, or 0 when the map sends the direction (norm `ref` before it) into its null space:
+    rescaling float noise to full norm would inject a random direction instead of nothing."""
+    n = float(v.norm())
+    return torch.zeros_like(v) if n <= tol * max(ref, 1e-30) else v / n
 
 
 def paired_positions(batch_a: Batch, batch_b: Batch) -> list[np.ndarray]:
@@ -453,11 +567,7 @@ def _keep_normal(pairs: list[np.ndarray], hs_a: torch.Tensor, hs_b: torch.Tensor
     """Drop pairs where either residual is a massive activation (attention sink) the maps were not made for."""
     out = []
     for i, p in enumerate(pairs):
-        keep = np.ones(len(p), bool)
-        if max_a is not None:
-            keep &= (hs_a[i, p[:, 0]].norm(dim=-1) <= max_a).numpy()
-        if max_b is not None:
-            keep &= (hs_b[i, p[:, 1]].norm(dim=-1) <= max_b).numpy()
+        keep = normal_rows(hs_a[i, p[:, 0]].norm(dim=-1), max_a) & normal_rows(hs_b[i, p[:, 1]].norm(dim=-1), max_b)
         out.append(p[keep])
     return out
 
@@ -487,46 +597,65 @@ def pair_batches(a: Side, b: Side, max_a: float | None, max_b: float | None) -> 
 
 
 def stitching_rows(a: Side, b: Side, maps: dict[str, LinearMap], pairing: Pairing, mean_b: np.ndarray,
-                   gen: torch.Generator) -> list[dict]:
-    """stitching.csv rows: B's loss with A's mapped residual at paired positions, vs ablations and controls."""
+                   gen: torch.Generator, n_boot: int = 1000, seed: int = 0) -> list[dict]:
+    """stitching.csv rows: B's loss with A's mapped residual at paired positions, vs ablations and controls.
+
+    Every map also runs on A's states from shuffled positions (other positions and passages): the
+    control for "any plausible residual recovers the loss". `ci_low`/`ci_high`: 95% percentile
+    bootstrap of frac_recovered over passages (each resample recomputes clean, mean and stitched loss).
+    """
     base = {"layer_a": a.layer, "layer_b": b.layer, "n_tokens": sum(int(x.shape[0]) for x in b.clean.logp),
-            "n_patched": pairing.n_patched}
+            "n_patched": pairing.n_patched, "n_passages": sum(len(p) for p in pairing.pairs)}
 
     def values_from(fn: Callable[[int, int], torch.Tensor]) -> list[list[torch.Tensor]]:
         return [[fn(k, i) for i in range(len(pairing.pairs[k]))] for k in range(len(pairing.pairs))]
 
-    def run(values: list[list[torch.Tensor]]) -> float:
-        return edited_effect(b.backend, b.clean, lambda k, bb: {b.layer: _replace_at(values[k], pairing.pairs[k])}).nll
+    def run(values: list[list[torch.Tensor]]) -> np.ndarray:
+        return edited_effect(b.backend, b.clean, lambda k, bb: {b.layer: _replace_at(values[k], pairing.pairs[k])}).nll_passages
+
+    def shuffle(mapped: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+        flat = torch.cat([v for per in mapped for v in per])
+        perm = flat[torch.randperm(len(flat), generator=gen)]
+        out, at = [], 0
+        for per in mapped:
+            out.append([])
+            for v in per:
+                out[-1].append(perm[at : at + len(v)])
+                at += len(v)
+        return out
 
     d_b = b.backend.d_model
     mean = torch.from_numpy(np.asarray(mean_b, np.float32))
-    loss = {"clean": b.clean.nll,
-            "mean": run(values_from(lambda k, i: mean.expand(len(pairing.pairs[k][i]), d_b))),
-            "zero": run(values_from(lambda k, i: torch.zeros(len(pairing.pairs[k][i]), d_b)))}
-    rows = [{**base, "map": "none", "control": c} for c in ("clean", "mean", "zero")]
+    per = {"clean": b.clean.memo["nll_passages"],
+           "mean": run(values_from(lambda k, i: mean.expand(len(pairing.pairs[k][i]), d_b))),
+           "zero": run(values_from(lambda k, i: torch.zeros(len(pairing.pairs[k][i]), d_b)))}
+    rows = [{**base, "map": "none", "control": c, "key": c} for c in ("clean", "mean", "zero")]
     for name, mp in maps.items():
         W, bias = torch.from_numpy(mp.weight), torch.from_numpy(mp.bias)
         mapped = values_from(lambda k, i: pairing.hs_a[k][i, torch.from_numpy(pairing.pairs[k][i][:, 0])] @ W + bias)
-        loss[name] = run(mapped)
-        rows.append({**base, "map": name, "control": "none"})
-        if name == "procrustes":  # the same map fed A's states from other positions and passages
-            flat = torch.cat([v for per in mapped for v in per])
-            perm = flat[torch.randperm(len(flat), generator=gen)]
-            shuffled, at = [], 0
-            for per in mapped:
-                shuffled.append([])
-                for v in per:
-                    shuffled[-1].append(perm[at : at + len(v)])
-                    at += len(v)
-            loss["procrustes_shuffled"] = run(shuffled)
-            rows.append({**base, "map": name, "control": "shuffled"})
+        per[name] = run(mapped)
+        per[f"{name}_shuffled"] = run(shuffle(mapped))
+        rows += [{**base, "map": name, "control": "none", "key": name},
+                 {**base, "map": name, "control": "shuffled", "key": f"{name}_shuffled"}]
+    rng = np.random.default_rng(seed)
+    n_p = len(per["clean"])
+    boot = rng.integers(0, n_p, size=(n_boot, n_p))
+
+    def loss(key: str, idx: np.ndarray | None = None) -> np.ndarray | float:
+        x = per[key] if idx is None else per[key][idx]
+        return x[..., 0].sum(-1) / np.maximum(x[..., 1].sum(-1), 1)
+
     for r in rows:
-        key = r["map"] if r["map"] != "none" else r["control"]
-        key = "procrustes_shuffled" if r["control"] == "shuffled" else key
-        r["loss"] = loss[key]
+        key = r.pop("key")
+        r["loss"] = float(loss(key))
         for col, abl in (("frac_recovered", "mean"), ("frac_recovered_zero", "zero")):
-            gap = loss[abl] - loss["clean"]
-            r[col] = (loss[abl] - loss[key]) / gap if abs(gap) > 1e-12 else math.nan
+            gap = loss(abl) - loss("clean")
+            r[col] = float((loss(abl) - loss(key)) / gap) if abs(gap) > 1e-12 else math.nan
+        gaps = loss("mean", boot) - loss("clean", boot)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fr = (loss("mean", boot) - loss(key, boot)) / gaps
+        fr = fr[np.isfinite(fr)]
+        r["ci_low"], r["ci_high"] = (float(np.quantile(fr, 0.025)), float(np.quantile(fr, 0.975))) if len(fr) else (math.nan, math.nan)
     return rows
 
 
@@ -564,7 +693,8 @@ def feature_patch_rows(pairs: list[MatchedPair], a: Side, b: Side, pairing: Pair
         rows.append({"layer_a": pr.layer_a, "layer_b": pr.layer_b, "feat_a": fa, "feat_b": pr.feat_b, "kl_patch": kl_patch,
                      "kl_ablate": kl_ablate, "kl_random_mean": float(ctrl.mean()) if len(ctrl) else math.nan,
                      "random_percentile": float((ctrl < kl_patch).mean()) if len(ctrl) else math.nan,
-                     "p_value": (1 + int((ctrl <= kl_patch).sum())) / (len(ctrl) + 1), "n_patched": pairing.n_patched})
+                     "p_value": (1 + int((ctrl <= kl_patch).sum())) / (len(ctrl) + 1), "n_controls": len(ctrl),
+                     "n_patched": pairing.n_patched})
     return rows
 
 
@@ -609,10 +739,13 @@ def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], f
     """The matched pairs to test at (la, lb): `feature_idx` alone, or the top `transfer.n_features` by correlation."""
     sig = [m for m in matches if m.layer_a == la and m.layer_b == lb and m.q_value < cfg.align.q_threshold]
     if feature_idx is None:
-        common = sorted((m for m in sig if m.min_freq >= cfg.transfer.min_freq), key=lambda m: -m.act_corr)
+        common = sorted((m for m in sig if m.min_freq >= cfg.transfer.min_freq
+                         and m.n_passages >= cfg.transfer.min_support_passages), key=lambda m: -m.act_corr)
         if not common:
             raise TransferError(f"layers (a={la}, b={lb}) have no significant feature matches (q < {cfg.align.q_threshold}) "
-                                f"whose features both fire on >= {cfg.transfer.min_freq} of train tokens (transfer.min_freq)")
+                                f"whose features both fire on >= {cfg.transfer.min_freq} of train tokens (transfer.min_freq) "
+                                f"and in >= {cfg.transfer.min_support_passages} held-out passages "
+                                "(transfer.min_support_passages)")
         return common[: cfg.transfer.n_features]
     if not 0 <= feature_idx < d_sae_a:
         raise TransferError(f"--feature_idx {feature_idx} is out of range: A's SAE at layer {la} has {d_sae_a} features "
@@ -625,6 +758,25 @@ def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], f
                             f"(q < {cfg.align.q_threshold}). Nearest B features after the Procrustes map: {near}. "
                             f"A features with the strongest significant matches: {best}")
     return hit
+
+
+def sweep_plan(cfg: RunConfig, cache: ActivationCache, matches: list[MatchedPair], plan: dict, feature_idx: int | None,
+               fires: dict) -> dict[tuple[int, int], list[MatchedPair]]:
+    """The pairs the full sweep tests at every configured layer pair: passages are chosen for them, so a
+    one-feature run reads the same passages as the sweep (and reproduces its numbers)."""
+    if feature_idx is None and set(plan) == set(cfg.layer_pairs):
+        return plan
+    out = {}
+    for la, lb in cfg.layer_pairs:
+        try:
+            here = [m for m in matches if (m.layer_a, m.layer_b) == (la, lb)]
+            if (la, lb) not in fires:  # fills `fires` for layer pairs this run does not test
+                here, fires[(la, lb)] = with_support(cfg, cache, la, lb, _load_side_files(cfg, "a", la),
+                                                     _load_side_files(cfg, "b", lb), matches)
+            out[(la, lb)] = select_pairs(cfg, la, lb, here, None, 0, lambda f: [])
+        except TransferError:
+            continue
+    return out
 
 
 def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, layer_a: int | None = None,
@@ -646,8 +798,10 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
     cache = ActivationCache(cfg.cache_dir)
     loaded = {(la, lb): (_load_side_files(cfg, "a", la), _load_side_files(cfg, "b", lb), _load_maps(cfg, la, lb))
               for la, lb in pairs_ab}  # every input checked before any model runs
-    plan = {}
+    plan, fires = {}, {}
     for (la, lb), (sae_a, sae_b, maps) in loaded.items():
+        here, fires[(la, lb)] = with_support(cfg, cache, la, lb, sae_a, sae_b, matches)
+        matches = [m for m in matches if (m.layer_a, m.layer_b) != (la, lb)] + here
         cand = lambda f, sa=sae_a, sb=sae_b, m=maps: nearest_candidates(raw_decoder(sa), raw_decoder(sb),  # noqa: E731
                                                                         m["procrustes"].weight, f)
         plan[(la, lb)] = select_pairs(cfg, la, lb, matches, feature_idx, sae_a.d_sae, cand)
@@ -656,18 +810,27 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         from .extract import load_backends
 
         backends = load_backends(cfg)
-    texts = heldout_texts(cache, tcfg.n_passages, tcfg.passage_chars)
+    union: dict[tuple[int, int], set[int]] = {}
+    tested: list[tuple[int, int]] = []
+    for (la, lb), todo in sweep_plan(cfg, cache, matches, plan, feature_idx, fires).items():  # keyed by layer: ids differ per layer
+        for m in todo:
+            union[(la, m.feat_a)] = fires[(la, lb)].get(m.feat_a, set())
+            tested.append((la, m.feat_a))
+    texts = heldout_texts(cache, tcfg.n_passages, tcfg.passage_chars,
+                          choose_passages(union, tested, heldout_passages(cache), tcfg.n_passages))
     cleans = {k: clean_run(backends[k], batches_for(backends[k], texts, cfg.model(k).max_ctx, tcfg.batch_size))
               for k in ("a", "b")}
     strings = {k: vocab_strings(backends[k].tokenizer, int(cleans[k].logp[0].shape[-1])) for k in ("a", "b")}
     vocab = shared_vocab(strings["a"], strings["b"])
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    transfer, examples, stitching, patching = [], [], [], []
+    transfer, examples, stitching, patching, sae_transfer = [], [], [], [], []
     for (la, lb), (sae_a, sae_b, maps) in loaded.items():
         a_rows, b_rows = cache.rows("a", "train"), cache.rows("b", "train")
-        s_a = typical_activation(sae_a, cache.acts("a", la), a_rows, seed=cfg.seed)
+        s_a, freq_a = activation_stats(sae_a, cache.acts("a", la), a_rows, seed=cfg.seed)
         s_b = typical_activation(sae_b, cache.acts("b", lb), b_rows, seed=cfg.seed)
+        cov_rows = np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))
+        cov_root = covariance_root(cache.acts("b", lb).take(cov_rows), sae_b.spec.metadata.get("max_norm"))
         alive_b = np.nonzero(s_b > 0)[0]
         sides = {}
         for k, layer, sae in (("a", la, sae_a), ("b", lb, sae_b)):
@@ -680,25 +843,27 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
             unmatched = int(rng.choice(pool))
             rows, ex = injection_rows(pr, a, b, maps[tcfg.direction_map].weight, float(s_a[pr.feat_a]), float(s_b[pr.feat_b]),
                                       alphas, vocab, unmatched, float(s_b[unmatched]), tcfg.n_random_controls,
-                                      tcfg.top_strings, gen)
+                                      tcfg.top_strings, gen, freq_a=freq_a, cov_root=cov_root)
             transfer += rows
             examples.append(ex)
         if feature_idx is not None:
             continue
         pairing = pair_batches(a, b, sae_a.spec.metadata.get("max_norm"), sae_b.spec.metadata.get("max_norm"))
         mean_b = cache.acts("b", lb).take(np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))).mean(0)
-        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen)
+        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen, seed=cfg.seed)
+        ho = cache.rows("b", "heldout")
+        y_ho = torch.from_numpy(np.asarray(cache.acts("b", lb).take(np.sort(rng.choice(ho, min(len(ho), 4096), replace=False))),
+                                           np.float32))
+        sae_transfer += sae_transfer_rows(la, lb, b.backend, b.clean, lb, sae_a, sae_b, maps, y_ho,
+                                          sae_b.spec.metadata.get("max_norm"), cfg.seed)
         patching += feature_patch_rows(todo[: tcfg.n_patch_features], a, b, pairing, s_a, s_b, alive_b,
                                        tcfg.n_patch_controls, rng)
-    for kind in {r["direction"] for r in transfer}:
-        for alpha in alphas:
-            sel = [r for r in transfer if r["direction"] == kind and r["alpha"] == alpha and "p_value" in r]
-            if sel:
-                for r, q in zip(sel, bh_qvalues(np.array([r["p_value"] for r in sel], float))):
-                    r["q_value"] = float(q)
-    if patching:
-        for r, q in zip(patching, bh_qvalues(np.array([r["p_value"] for r in patching], float))):
-            r["q_value"] = float(q)
+    bh_by_family(transfer)
+    for r in patching:
+        r["family"] = "patch vs random live B features"
+    bh_by_family(patching)
+    paired = paired_rows(transfer)
+    bh_by_family(paired)
     rd = cfg.report_dir
     if feature_idx is not None:
         out = rd / f"transfer_L{pairs_ab[0][0]}_F{feature_idx}.csv"
@@ -708,22 +873,84 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         _write_csv(rd / "feature_patching.csv", PATCH_COLUMNS, patching)
         atomic_write_json(rd / "transfer_examples.json", {"alphas": alphas, "examples": examples})
         _write_csv(rd / "transfer.csv", TRANSFER_COLUMNS, transfer)
-    summary = transfer_summary(transfer, max(alphas), cfg.align.q_threshold)
+        _write_csv(rd / "transfer_paired.csv", PAIRED_COLUMNS, paired)
+        _write_csv(rd / "sae_transfer.csv", SAE_TRANSFER_COLUMNS, sae_transfer)
+    summary = transfer_summary(transfer, max(alphas), cfg.align.q_threshold, paired)
     for line in summary["lines"]:
         print(f"[crossdict] transfer: {line}")
-    return {"transfer": transfer, "stitching": stitching, "patching": patching, "examples": examples, **summary}
+    return {"transfer": transfer, "stitching": stitching, "patching": patching, "examples": examples, "paired": paired,
+            "sae_transfer": sae_transfer,
+            **summary}
 
 
-def transfer_summary(rows: list[dict], alpha: float, q: float) -> dict:
-    """Share of tested pairs whose agreement beats the controls after BH, per direction kind at `alpha`."""
+def bh_by_family(rows: list[dict]) -> None:
+    """Benjamini–Hochberg q-values within each `family` (rows without a p-value or family are left alone)."""
+    fams: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("family") and isinstance(r.get("p_value"), float) and math.isfinite(r["p_value"]):
+            fams.setdefault(r["family"], []).append(r)
+    for sel in fams.values():
+        for r, q in zip(sel, bh_qvalues(np.array([r["p_value"] for r in sel], float))):
+            r["q_value"] = float(q)
+
+
+PAIRED_COMPARISONS = (("b_mapped", "b_matched"), ("b_mapped", "b_unmatched"), ("b_matched", "b_unmatched"))
+
+
+def paired_rows(rows: list[dict]) -> list[dict]:
+    """transfer_paired.csv: per layer pair and α, agreement of direction x vs y across the same feature pairs.
+
+    Wilcoxon signed-rank over feature pairs (the claim "x transfers better than y" is a comparison,
+    so it is tested as one, not as a difference of two significance counts). Family: one per α.
+    """
+    out = []
+    agree = {}
+    for r in rows:
+        if r["direction"] in ("b_mapped", "b_matched", "b_unmatched"):
+            agree[(r["layer_a"], r["layer_b"], r["alpha"], r["direction"], r["feat_a"], r["feat_b"])] = r["agreement"]
+    groups = sorted({(k[0], k[1], k[2]) for k in agree})
+    for la, lb, alpha in groups:
+        feats = sorted({(k[4], k[5]) for k in agree if k[:3] == (la, lb, alpha)})
+        for x, y in PAIRED_COMPARISONS:
+            vx = np.array([agree.get((la, lb, alpha, x, *f), math.nan) for f in feats], float)
+            vy = np.array([agree.get((la, lb, alpha, y, *f), math.nan) for f in feats], float)
+            if not (np.isfinite(vx).any() and np.isfinite(vy).any()):
+                continue
+            out.append({"layer_a": la, "layer_b": lb, "alpha": alpha, "x": x, "y": y, "metric": "agreement",
+                        "test": "wilcoxon signed-rank, two-sided", "median_x": float(np.nanmedian(vx)),
+                        "median_y": float(np.nanmedian(vy)), **paired_test(vx, vy),
+                        "family": f"paired agreement alpha={alpha:g}"})
+    return out
+
+
+def transfer_summary(rows: list[dict], alpha: float, q: float, paired: list[dict] | None = None) -> dict:
+    """What was tested, in words: per direction and control kind at `alpha`, the share of matched pairs whose
+    agreement exceeds that null's controls with BH q < `q` (permutation p = (1 + #controls ≥ it)/(n + 1)), the
+    median KL; then the paired tests."""
     out, lines = {}, []
     for kind in ("b_mapped", "b_matched", "b_unmatched"):
-        sel = [r for r in rows if r["direction"] == kind and r["alpha"] == alpha]
-        if not sel:
-            continue
-        n_sig = sum(1 for r in sel if r.get("q_value", 1.0) < q)
-        out[kind] = n_sig / len(sel)
-        med = float(np.nanmedian([r["agreement"] for r in sel]))
-        lines.append(f"{kind}: {n_sig}/{len(sel)} matched pairs beat the 95th percentile of random directions "
-                     f"(BH q < {q}) at alpha={alpha:g}; median agreement (Spearman) {med:.3f}")
+        for ctrl in CONTROL_KINDS:
+            sel = [r for r in rows if r["direction"] == kind and r["alpha"] == alpha and r.get("control", "isotropic") == ctrl]
+            if not sel:
+                continue
+            n_sig = sum(1 for r in sel if _num(r.get("q_value", 1.0)) < q)
+            out[f"{kind}/{ctrl}"] = n_sig / len(sel)
+            n_c = int(max(_num(r.get("n_controls", 0)) for r in sel) or 0)
+            med = float(np.nanmedian([_num(r["agreement"]) for r in sel]))
+            kl = float(np.nanmedian([_num(r["kl"]) for r in sel]))
+            lines.append(f"{kind} vs {ctrl} null: {n_sig}/{len(sel)} matched pairs have agreement (Spearman) above "
+                         f"the {n_c} {ctrl} controls' at BH q < {q} (p floor 1/{n_c + 1} = {1 / (n_c + 1):.3g}) at "
+                         f"alpha={alpha:g}; median agreement {med:.3f}, median KL {kl:.3g}")
+    for r in paired or []:
+        if _num(r["alpha"]) == alpha:
+            lines.append(f"A{r['layer_a']}-B{r['layer_b']} {r['x']} vs {r['y']} (paired Wilcoxon over {r['n_pairs']} pairs): "
+                         f"median difference {_num(r['median_diff']):.3f}, rank-biserial {_num(r['rank_biserial']):.2f}, "
+                         f"p {_num(r['p_value']):.3g}, BH q {_num(r.get('q_value', math.nan)):.3g}")
     return {"share_significant": out, "lines": lines}
+
+
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan

@@ -134,7 +134,8 @@ def _run_align(ctx: Context) -> None:
     run_align(ctx.cfg)
 
 
-TRANSFER_FILES = ("transfer.csv", "transfer_examples.json", "stitching.csv", "feature_patching.csv")
+TRANSFER_FILES = ("transfer.csv", "transfer_paired.csv", "transfer_examples.json", "stitching.csv", "feature_patching.csv",
+                  "sae_transfer.csv")
 
 
 def _transfer_outputs(cfg: RunConfig) -> list[Path]:
@@ -321,8 +322,10 @@ def _summary(cfg: RunConfig) -> None:
         rows = [{**r, "alpha": float(r["alpha"]), "q_value": float(r["q_value"]) if _is_num(r["q_value"]) else 1.0,
                  "agreement": float(r["agreement"]) if _is_num(r["agreement"]) else math.nan}
                 for r in csv.DictReader(transfer_csv.open())]
+        paired_csv = report / "transfer_paired.csv"
+        paired = list(csv.DictReader(paired_csv.open())) if paired_csv.is_file() else []
         if rows:
-            for line in transfer_summary(rows, max(r["alpha"] for r in rows), cfg.align.q_threshold)["lines"]:
+            for line in transfer_summary(rows, max(r["alpha"] for r in rows), cfg.align.q_threshold, paired)["lines"]:
                 print(f"transfer {line}")
     stitch_csv = report / "stitching.csv"
     if stitch_csv.is_file():

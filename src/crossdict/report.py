@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .config import RunConfig
 from .utils import atomic_write_text, read_json
@@ -294,7 +296,7 @@ def _crosscoder_section(cfg: RunConfig) -> str:
 
 
 def _transfer_section(transfer: list[dict], stitching: list[dict], patching: list[dict], examples: list[dict],
-                      q: float) -> str:
+                      q: float, paired: list[dict] | None = None, sae_transfer: list[dict] | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,18 +307,40 @@ def _transfer_section(transfer: list[dict], stitching: list[dict], patching: lis
     out = ('<section id="transfer"><h2>Causal transfer</h2><p>A matched feature\'s direction is added to B\'s residual '
            "stream (α in units of the feature's typical activation) and A's own direction to A's. <b>Agreement</b>: Spearman "
            "correlation, over the vocabulary strings both tokenizers share, of how much each string's log-probability "
-           "changes in A and in B. Controls: random directions of the same norm in B; the p-value is the share of them "
-           "that agree at least as well, then Benjamini–Hochberg.</p>")
+           "changes in A and in B. Three nulls, each of the candidate's norm in B: <i>specificity</i> (other A features of "
+           "similar firing rate sent through the same map), <i>on_manifold</i> (Gaussian directions with B's residual "
+           "covariance, massive rows masked), <i>isotropic</i> (uniform random directions). p = (1 + #controls agreeing at "
+           "least as well) / (n + 1), so its floor is 1/(n + 1); Benjamini–Hochberg within each named family (direction × "
+           "null × α). <b>KL</b> and <b>|Δ log p|</b> (mean over positions and shared strings) are the effect sizes: a "
+           "direction that agrees by doing nothing shows a tiny KL. Comparisons between directions are tested by a paired "
+           "Wilcoxon signed-rank test across the same feature pairs, not by comparing significance counts.</p>")
     kinds = [k for k in ("b_mapped", "b_matched", "b_unmatched") if any(r["direction"] == k for r in transfer)]
     if kinds:
         alpha = max(_num(r["alpha"]) for r in transfer)
-        lines = []
-        for k in kinds:
-            sel = [r for r in transfer if r["direction"] == k and _num(r["alpha"]) == alpha]
-            n_sig = sum(1 for r in sel if _num(r.get("q_value")) < q)
-            lines.append(f"<li><b>{k}</b>: {n_sig} of {len(sel)} matched pairs beat the random directions (q &lt; {q}) at "
-                         f"α = {alpha:g}</li>")
-        out += f"<ul>{''.join(lines)}</ul>"
+        trows = []
+        for (la, lb) in sorted({(r["layer_a"], r["layer_b"]) for r in transfer}, key=lambda t: (_num(t[0]), _num(t[1]))):
+            for k in kinds:
+                for ctrl in ("specificity", "on_manifold", "isotropic"):
+                    sel = [r for r in transfer if r["direction"] == k and _num(r["alpha"]) == alpha and r.get("control") == ctrl
+                           and (r["layer_a"], r["layer_b"]) == (la, lb)]
+                    if not sel:
+                        continue
+                    n_sig = sum(1 for r in sel if _num(r.get("q_value")) < q)
+                    n_c = int(max(_num(r.get("n_controls")) for r in sel))
+                    trows.append([f"A{la}↔B{lb}", k, ctrl, f"{n_sig}/{len(sel)}", f"{1 / (n_c + 1):.3g}",
+                                  _f(float(np.nanmedian([_num(r["agreement"]) for r in sel]))),
+                                  f'{float(np.nanmedian([_num(r["kl"]) for r in sel])):.3g}',
+                                  f'{float(np.nanmedian([_num(r.get("abs_dlogp")) for r in sel])):.3g}'])
+        if trows:
+            out += (f"<p>Share of matched pairs beating each null at α = {alpha:g} (BH q &lt; {q}):</p>"
+                    + _table(["layers", "direction", "null", "pairs beating it", "p floor", "median agreement",
+                              "median KL", "median |Δ log p|"], trows, "num"))
+        prow = [[f"A{r['layer_a']}↔B{r['layer_b']}", f"{r['x']} vs {r['y']}", str(r["n_pairs"]), _f(r["median_diff"]),
+                 _f(r["rank_biserial"]), _f(r["p_value"]), _f(r.get("q_value"))]
+                for r in (paired or []) if _num(r["alpha"]) == alpha]
+        if prow:
+            out += ("<p>Paired comparisons of agreement (Wilcoxon signed-rank across feature pairs, two-sided; BH per α):</p>"
+                    + _table(["layers", "comparison", "pairs", "median difference", "rank-biserial", "p", "q"], prow, "num"))
         fig, ax = plt.subplots(figsize=(6.5, 3))
         for i, k in enumerate(kinds):
             sel = [r for r in transfer if r["direction"] == k and math.isfinite(_num(r["agreement"]))]
@@ -338,22 +362,38 @@ def _transfer_section(transfer: list[dict], stitching: list[dict], patching: lis
         out += ("<h3>Top promoted strings</h3>" +
                 _table(["pair", "injected in A", "A's direction mapped into B", "B's matched feature"], rows, "promoted"))
     if transfer:
-        cols = ["layer_a", "layer_b", "feat_a", "feat_b", "alpha", "direction", "kl", "agreement", "top_overlap",
-                "control_mean", "control_z", "p_value", "q_value"]
+        cols = ["layer_a", "layer_b", "feat_a", "feat_b", "alpha", "direction", "control", "n_controls", "kl", "abs_dlogp",
+                "agreement", "top_overlap", "control_mean", "control_z", "p_value", "q_value"]
         rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in transfer[:400]]
         out += f"<details><summary>transfer.csv ({len(transfer)} rows)</summary>{_table(cols, rows, 'num sortable')}</details>"
     if stitching:
-        cols = ["layer_a", "layer_b", "map", "control", "loss", "frac_recovered", "frac_recovered_zero", "n_patched"]
+        cols = ["layer_a", "layer_b", "map", "control", "loss", "frac_recovered", "ci_low", "ci_high", "frac_recovered_zero",
+                "n_patched"]
         rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in stitching]
         out += ("<h3>Stitching: A's residual, mapped, in place of B's</h3><p>B's next-token loss when its residual at every "
                 "anchor-paired position is replaced by A's mapped residual; loss recovered is 0 at mean ablation, 1 at "
-                "clean. <i>shuffled</i>: the same map fed A's states from other positions.</p>" + _table(cols, rows, "num"))
+                "clean (95% CI: bootstrap over passages). <i>shuffled</i>: the same map fed A's states from other positions and "
+                "passages, for every map.</p>" + _table(cols, rows, "num"))
     if patching:
-        cols = ["layer_a", "layer_b", "feat_a", "feat_b", "kl_patch", "kl_ablate", "kl_random_mean", "p_value", "q_value"]
+        cols = ["layer_a", "layer_b", "feat_a", "feat_b", "kl_patch", "kl_ablate", "kl_random_mean", "n_controls", "p_value",
+                "q_value"]
         rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c)) for c in cols] for r in patching]
         out += ("<h3>Feature patching</h3><p>B's matched feature set to A's feature activation at paired positions (SAE "
                 "error term kept). Small KL = A's feature carries what B's feature says; compared with patching random "
                 "live B features the same way and with ablating the feature.</p>" + _table(cols, rows, "num"))
+    if sae_transfer:
+        cols = ["layer_a", "layer_b", "sae", "map", "fvu", "ce_recovered", "kl_recovered", "kl", "err_top_pc_share",
+                "random_top_pc_share"]
+        rows = [[html.escape(str(r.get(c, ""))) if not _is_float(r.get(c)) else _f(r.get(c), 4) for c in cols]
+                for r in sae_transfer]
+        out += ("<h3>A's SAE carried into B</h3><p>B's residual is taken to A's space by the map's pseudo-inverse, encoded "
+                "and decoded by A's SAE, and mapped back (no encoder refit). FVU on B's held-out residuals; CE and KL "
+                "recovered with the reconstruction spliced in at every content position (zero ablation 0, clean 1). "
+                "Rows: B's own SAE; B's own SAE's error replaced by a random error of the same per-token norm (Gurnee "
+                "2024); A's SAE through each map; the same through a random orthogonal map (floor). err_top_pc_share: "
+                "the share of the error's energy in B's top-8 principal directions, next to a random error's "
+                "(random_top_pc_share): an SAE whose error avoids the high-variance directions hurts the loss less than "
+                "a random error of the same norm.</p>" + _table(cols, rows, "num"))
     return out + "</section>"
 
 
@@ -403,7 +443,8 @@ def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
         + _sae_section(cfg, _csv(rd / "sae_metrics.csv"))
         + _match_section(cfg, matches, _csv(rd / "feature_matches_seed.csv"))
         + _crosscoder_section(cfg)
-        + _transfer_section(transfer, stitching, patching, examples, cfg.align.q_threshold)
+        + _transfer_section(transfer, stitching, patching, examples, cfg.align.q_threshold, _csv(rd / "transfer_paired.csv"),
+                            _csv(rd / "sae_transfer.csv"))
         + _browser_section(browser)
         + _HOW_TO_READ
     )
