@@ -13,7 +13,8 @@ from scipy.stats import ortho_group
 
 from align_fixtures import random_sae, shared_private_codes, write_synthetic_cache
 from crossdict import evaluate
-from crossdict.align import LinearMap, fit_maps, procrustes_rotation, r2_score, retrieval_accuracy, run_align
+from crossdict.align import LinearMap, fit_maps, procrustes_rotation, r2_score, retrieval_accuracy
+from crossdict.evaluate import LAYER_CKA_COLUMNS, run_align
 from crossdict.config import config_from_dict
 from crossdict.matching import MATCH_COLUMNS, code_correlation, hungarian, match_features, mutual_nn
 from crossdict.stats import InsufficientDataError
@@ -199,7 +200,8 @@ def test_run_align_end_to_end(toy_run, caplog):
     rep = cfg.report_dir
 
     cols, rows = _read(rep / "metrics.csv")
-    assert cols == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value", "split"]
+    assert cols == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value",
+                    "q_value", "split", "n_tokens", "n_passages", "masked_a", "masked_b"]
     got = {(int(r["layer_a"]), int(r["layer_b"]), r["space"], r["metric"]): r for r in rows}
     for pair in ((1, 2), (3, 4)):
         for metric in ("linear_cka", "debiased_cka", "svcca", "pwcca", "rbf_cka", "rsa", "mutual_knn"):
@@ -238,7 +240,7 @@ def test_run_align_end_to_end(toy_run, caplog):
     assert (rep / "feature_matches_seed.csv").is_file()
 
     cols, rows = _read(rep / "layer_cka.csv")
-    assert cols == ["layer_a", "layer_b", "cka", "cka_z", "n_pairs", "source"] and len(rows) == 4
+    assert cols == list(LAYER_CKA_COLUMNS) and cols[:5] == ["layer_a", "layer_b", "cka", "cka_z", "n_pairs"] and len(rows) == 4
     cka = {(int(r["layer_a"]), int(r["layer_b"])): float(r["cka"]) for r in rows}
     assert all(0.0 < v <= 1.0 for v in cka.values())
     assert all(0.0 < float(r["cka_z"]) <= 1.0 and r["source"] == "cached_layers" for r in rows)

@@ -521,7 +521,7 @@ def test_run_train_writes_saes_metrics_and_skips_on_rerun(tmp_path, capsys):
     metrics = json.loads((d0 / "metrics.json").read_text())
     assert set(metrics) >= {"fvu", "l0", "dead_frac", "dense_frac"}
     csv_text = (cfg.report_dir / "sae_metrics.csv").read_text().splitlines()
-    assert csv_text[0].startswith("model,layer,hook_name,seed,architecture,d_sae,fvu,l0,dead_frac,dense_frac,excluded_frac,loss_clean")
+    assert csv_text[0].startswith("model,layer,hook_name,seed,architecture,d_sae,fvu,l0,dead_frac,dense_frac,excluded_frac,masked_rows,loss_clean")
     assert len(csv_text) == 9
 
     mtime = (d0 / "sae_weights.safetensors").stat().st_mtime_ns

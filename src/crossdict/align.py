@@ -14,7 +14,7 @@ Every map is y = x @ weight + bias and is saved as safetensors + JSON (no pickle
 `runs/<name>/alignment/<layer_a>_<layer_b>/<method>.{safetensors,json}`. Held-out scores:
 R² over all output dims and retrieval accuracy among M candidates.
 
-`run_align` (the stage entry point) lives in `evaluate.py` and is re-exported here.
+`run_align` (the stage entry point) lives in `evaluate.py`, which imports this module (one arrow).
 """
 
 from __future__ import annotations
@@ -202,24 +202,16 @@ def r2_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray, n_boot
     return summarise(value, boots, nulls, alpha, len(Y), idx.n_passages, ci)
 
 
-def retrieval_accuracy(
-    Y_hat: np.ndarray, Y: np.ndarray, n_candidates: int = 1000, rng: np.random.Generator | None = None,
-    max_queries: int = 5000, block: int = 512,
-) -> dict[str, float]:  # fmt: skip
-    """Top-1/top-10 retrieval of the paired B token among M candidates by cosine.
+def _unit(Z: np.ndarray) -> np.ndarray:
+    return np.asarray(Z, np.float32) / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)
 
-    For each query i (≤ max_queries random ones), candidates are Y[i] plus M-1 other held-out B
-    tokens drawn without replacement; a hit at k means fewer than k distractors score >= the
-    true partner (ties count against us). Chance is 1/M and min(10, M)/M.
-    """
-    rng = np.random.default_rng(0) if rng is None else rng
-    n = Y.shape[0]
-    M = int(min(n_candidates, n))
-    if M < 2:
-        raise ValueError(f"retrieval needs at least 2 held-out anchors, got {n}")
-    norm = lambda Z: np.asarray(Z, np.float32) / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    Qh, Yn = norm(Y_hat), norm(Y)
-    queries = np.sort(rng.choice(n, min(n, max_queries), replace=False))
+
+def retrieval_ranks(Qh: np.ndarray, Yn: np.ndarray, queries: np.ndarray, M: int, rng: np.random.Generator,
+                    block: int = 512) -> np.ndarray:  # fmt: skip
+    """Per query, how many of M-1 random distractors score >= its true partner `[len(queries)]`.
+
+    Qh `[n, d]`, Yn `[n, d]` unit rows; row i of Qh belongs with row i of Yn."""
+    n = Yn.shape[0]
     ranks = []
     for s in range(0, len(queries), block):
         q = queries[s : s + block]
@@ -229,9 +221,29 @@ def retrieval_accuracy(
         distract = np.argpartition(keys, M - 2, axis=1)[:, : M - 1] if M > 1 else np.zeros((len(q), 0), int)
         true = sims[np.arange(len(q)), q]
         ranks.append((np.take_along_axis(sims, distract, 1) >= true[:, None]).sum(1))
-    ranks = np.concatenate(ranks)
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def retrieval_accuracy(
+    Y_hat: np.ndarray, Y: np.ndarray, n_candidates: int = 1000, rng: np.random.Generator | None = None,
+    max_queries: int = 5000, block: int = 512, return_ranks: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Top-1/top-10 retrieval of the paired B token among M candidates by cosine.
+
+    For each query i (≤ max_queries random ones), candidates are Y[i] plus M-1 other held-out B
+    tokens drawn without replacement; a hit at k means fewer than k distractors score >= the
+    true partner (ties count against us). Chance is 1/M and min(10, M)/M. `return_ranks` adds
+    `queries` and `ranks` (per-query distractors at or above the partner) for resampling.
+    """
+    rng = np.random.default_rng(0) if rng is None else rng
+    n = Y.shape[0]
+    M = int(min(n_candidates, n))
+    if M < 2:
+        raise ValueError(f"retrieval needs at least 2 held-out anchors, got {n}")
+    queries = np.sort(rng.choice(n, min(n, max_queries), replace=False))
+    ranks = retrieval_ranks(_unit(Y_hat), _unit(Y), queries, M, rng, block)
     k10 = min(10, M)
-    return {
+    out: dict[str, Any] = {
         "top1": float(np.mean(ranks < 1)),
         "top10": float(np.mean(ranks < k10)),
         "chance_top1": 1.0 / M,
@@ -239,11 +251,35 @@ def retrieval_accuracy(
         "candidates": M,
         "n_queries": len(queries),
     }
+    if return_ranks:
+        out.update(queries=queries, ranks=ranks)
+    return out
 
 
-def __getattr__(name: str) -> Any:  # lazy re-export: evaluate imports this module
-    if name == "run_align":
-        from .evaluate import run_align
+def retrieval_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray, n_candidates: int, max_queries: int,
+                      n_boot: int, n_null: int, rng: np.random.Generator, alpha: float = 0.05,
+                      ci: str = "half_sample", null_queries: int = 1000) -> tuple[dict[str, Any], MetricResult]:  # fmt: skip
+    """Retrieval (see `retrieval_accuracy`) and its top-1 as a `MetricResult` with a passage CI and null.
 
-        return run_align
-    raise AttributeError(name)
+    CI: each resample reweights the queries by their passage (half-samples or cluster bootstrap),
+    the distractor draws held fixed. Null: the shuffled pairing of `stats.shuffled_pairing` (A's
+    passage meets another passage of B, rank-matched), top-1 recomputed on up to `null_queries`
+    queries per draw (a full retrieval per draw would cost as much as the estimate n_null times).
+    """
+    ret = retrieval_accuracy(Y_hat, Y, n_candidates, rng, max_queries, return_ranks=True)
+    idx = passage_index(passage_ids)
+    hit = (ret["ranks"] < 1).astype(np.float64)
+    qidx = passage_index(np.asarray(passage_ids)[ret["queries"]])
+    boots = []
+    for _ in range(n_boot):
+        w = resample_weights(qidx, rng, ci)
+        boots.append(float(w @ hit / w.sum()) if w.sum() > 0 else np.nan)
+    Qh, Yn = _unit(Y_hat), _unit(Y)
+    nulls = []
+    for _ in range(n_null):
+        ra, rb = shuffled_pairing(idx, rng)
+        M = int(min(n_candidates, len(ra)))
+        q = np.sort(rng.choice(len(ra), min(len(ra), null_queries), replace=False))
+        nulls.append(float(np.mean(retrieval_ranks(Qh[ra], Yn[rb], q, M, rng) < 1)) if M >= 2 else np.nan)
+    res = summarise(ret["top1"], boots, nulls, alpha, len(Y), qidx.n_passages, ci)
+    return ret, res

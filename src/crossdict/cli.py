@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print_plan(cfg, workers=args.workers, calibrate=not args.no_calibrate)
         elif args.command == "align":
-            from .align import run_align
+            from .evaluate import run_align
 
             run_align(cfg, layers_a=args.layers, layers_b=args.layers_b)
         elif args.command == "transfer":

@@ -34,7 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .align import fit_maps, map_dir, unstandardize, procrustes_rotation, r2_with_ci, retrieval_accuracy
+from tqdm.auto import tqdm
+
+from .align import fit_maps, map_dir, unstandardize, procrustes_rotation, r2_with_ci, retrieval_with_ci
 from .cache import ActivationCache
 from .config import AlignConfig, RunConfig
 from .matching import MATCH_COLUMNS, Matches, encode_sparse, match_features
@@ -53,17 +55,35 @@ from .metrics import (
     jaccard_sets,
     topk_sets,
 )
-from .stats import InsufficientDataError, MetricResult, passage_subsample, with_ci
+from .stats import (
+    InsufficientDataError,
+    MetricResult,
+    bh_qvalues,
+    passage_index,
+    resample_rows,
+    require_passages,
+    shuffled_pairing,
+    summarise,
+    with_ci,
+    within_passage_subsample,
+)
 from .utils import atomic_write_text, load_npy
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value", "split")
+METRIC_COLUMNS = (
+    "layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value", "q_value", "split",
+    "n_tokens", "n_passages", "masked_a", "masked_b",
+)  # fmt: skip
+"""q_value: BH across every metric row of the run with a p-value (one family); masked_a / masked_b:
+held-out anchor pairs this layer pair left out because A's / B's row is masked (`cache.row_mask`)."""
 ALIGN_COLUMNS = (
     "layer_a", "layer_b", "method", "n_train", "n_heldout", "r2", "r2_ci_low", "r2_ci_high", "r2_null_mean",
-    "r2_p_value", "top1", "top10", "chance_top1", "chance_top10", "candidates",
+    "r2_p_value", "top1", "top1_ci_low", "top1_ci_high", "top1_null_mean", "top1_p_value", "top10", "chance_top1",
+    "chance_top10", "candidates", "n_masked",
 )  # fmt: skip
-LAYER_CKA_COLUMNS = ("layer_a", "layer_b", "cka", "cka_z", "n_pairs", "source")
+LAYER_CKA_COLUMNS = ("layer_a", "layer_b", "cka", "cka_z", "n_pairs", "n_masked", "source", "ci_low", "ci_high",
+                     "null_mean", "p_value")  # fmt: skip
 
 
 @dataclass
@@ -73,6 +93,10 @@ class Paired:
     xa: np.ndarray
     xb: np.ndarray
     pid: np.ndarray
+    masked: tuple[int, int] = (0, 0)
+    """Pairs of this split left out by the row mask because A's row / B's row is masked."""
+    dropped: int = 0
+    """Pairs of this split left out by the row mask (either row masked)."""
 
     @property
     def n(self) -> int:
@@ -83,22 +107,25 @@ class Paired:
         return len(np.unique(self.pid))
 
     def rows(self, r: np.ndarray) -> "Paired":
-        return Paired(self.xa[r], self.xb[r], self.pid[r])
+        return Paired(self.xa[r], self.xb[r], self.pid[r], self.masked, self.dropped)
 
 
 # ---------------------------------------------------------------------------------------------
 # inputs and checks
 
 
-def _load_paired(cache: ActivationCache, la: int, lb: int, split: str) -> Paired:
-    xa, xb, pid = cache.paired_acts(la, lb, split)
+def _load_paired(cache: ActivationCache, la: int, lb: int, split: str, ratio: float | None = None) -> Paired:
+    """Masked anchor pairs of one split (`ActivationCache.row_mask`: massive rows, the attention sink)."""
+    xa, xb, pid = cache.paired_acts(la, lb, split, masked=True, ratio=ratio)
     for key, layer, x in (("a", la, xa), ("b", lb, xb)):
         if x.shape[1] != cache.d_model(key):
             raise ValueError(
                 f"cache {cache.dir}: model {key} layer {layer} has width {x.shape[1]} but the manifest says "
                 f"d_model={cache.d_model(key)}; the cache mixes shards from different runs, re-extract it"
             )
-    return Paired(xa, xb, pid)
+    pairs = cache.anchor_pairs(split)
+    masked = (int((~cache.row_mask("a", la, ratio)[pairs[:, 0]]).sum()), int((~cache.row_mask("b", lb, ratio)[pairs[:, 1]]).sum()))
+    return Paired(xa, xb, pid, masked, len(pairs) - len(pid))
 
 
 def _require(tr: Paired, ho: Paired, acfg: AlignConfig, la: int, lb: int) -> None:
@@ -217,49 +244,66 @@ def zscore_stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # metric blocks
 
 
-def _rows(la: int, lb: int, space: str, results: dict[str, MetricResult], split: str = "heldout") -> list[dict]:
+def _rows(la: int, lb: int, space: str, results: dict[str, MetricResult], split: str = "heldout",
+          masked: tuple[int, int] = (0, 0)) -> list[dict]:  # fmt: skip
     return [
         {"layer_a": la, "layer_b": lb, "space": space, "metric": k, "value": r.value, "ci_low": r.ci_low,
-         "ci_high": r.ci_high, "null_mean": r.null_mean, "p_value": r.p_value, "split": split}
+         "ci_high": r.ci_high, "null_mean": r.null_mean, "p_value": r.p_value, "q_value": math.nan, "split": split,
+         "n_tokens": r.n_tokens, "n_passages": r.n_passages, "masked_a": masked[0], "masked_b": masked[1]}
         for k, r in results.items()
     ]  # fmt: skip
+
+
+def add_qvalues(rows: list[dict]) -> None:
+    """BH q-values across every metric row with a p-value (the run's metric rows are one family)."""
+    q = bh_qvalues(np.array([float(r["p_value"]) for r in rows], np.float64)) if rows else []
+    for r, v in zip(rows, q):
+        r["q_value"] = float(v)
 
 
 def _plain(value: float) -> MetricResult:
     return MetricResult(value, math.nan, math.nan, math.nan, math.nan)
 
 
-def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator) -> Any:
-    return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=4, ci=acfg.ci_method)
+def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator,
+        what: str = "a metric") -> Any:  # fmt: skip
+    """`stats.with_ci` with the run's resampling settings; fewer than align.min_passages passages is an error naming `what`."""
+    return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=acfg.min_passages,
+                   ci=acfg.ci_method, what=f"{what} (passage-resampling CI and shuffled-pairing null; align.min_passages)")
 
 
 def _pairwise_metrics(
     A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator, rbf: bool
 ) -> dict[str, MetricResult]:
-    """O(n²) metrics on ≤ pairwise_max_tokens rows: token×token matrices built once, resampled by index."""
-    sub = passage_subsample(pid, acfg.pairwise_max_tokens, rng)
+    """O(n²) metrics on ≤ pairwise_max_tokens rows: token×token matrices built once, resampled by index.
+
+    Tokens are thinned *within* passages (`stats.within_passage_subsample`), so every held-out
+    passage stays a resampling unit."""
+    sub = within_passage_subsample(pid, acfg.pairwise_max_tokens, rng)
     A, B, pid = A[sub], B[sub], pid[sub]
     out = {}
     if rbf:
-        out["rbf_cka"] = _ci(cka_pairwise, rbf_gram(A), rbf_gram(B), pid, acfg, rng)
-    rsub = passage_subsample(pid, acfg.rsa_max_tokens, rng)  # Spearman ranks n²/2 distances per resample
-    out["rsa"] = _ci(rsa_pairwise, correlation_rdm(A[rsub]), correlation_rdm(B[rsub]), pid[rsub], acfg, rng)
+        out["rbf_cka"] = _ci(cka_pairwise, rbf_gram(A), rbf_gram(B), pid, acfg, rng, "rbf_cka")
+    rsub = within_passage_subsample(pid, acfg.rsa_max_tokens, rng)  # Spearman ranks n²/2 distances per resample
+    out["rsa"] = _ci(rsa_pairwise, correlation_rdm(A[rsub]), correlation_rdm(B[rsub]), pid[rsub], acfg, rng, "rsa")
     k = acfg.mknn_k
-    out["mutual_knn"] = _ci(lambda P, Q: mutual_knn_pairwise(P, Q, k), cosine_sim(A), cosine_sim(B), pid, acfg, rng)
+    out["mutual_knn"] = _ci(lambda P, Q: mutual_knn_pairwise(P, Q, k), cosine_sim(A), cosine_sim(B), pid, acfg, rng,
+                            "mutual_knn")
     return out
 
 
 def resid_metrics(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Generator) -> dict[str, MetricResult]:
-    """All similarity metrics on raw activations of held-out anchors (≤ metric_max_tokens rows).
+    """All similarity metrics on masked held-out anchors of the given space (raw in the headline).
 
-    SVCCA/PWCCA directions are fitted on the train anchors (see `metrics.HeldoutCCA`).
+    Streaming metrics (CKA, SVCCA/PWCCA) use every held-out passage, thinned to ≤ metric_max_tokens
+    tokens *within* passages; SVCCA/PWCCA directions are fitted on the train anchors (see
+    `metrics.HeldoutCCA`).
     """
-    sub = passage_subsample(ho.pid, acfg.metric_max_tokens, rng)
-    q = ho.rows(sub)
-    out = _ci(cka_family, q.xa, q.xb, q.pid, acfg, rng)
+    q = ho.rows(within_passage_subsample(ho.pid, acfg.metric_max_tokens, rng))
+    out = _ci(cka_family, q.xa, q.xb, q.pid, acfg, rng, "linear_cka / debiased_cka")
     hcca = HeldoutCCA.fit(tr.xa, tr.xb, acfg.svcca_variance)
     U, V = hcca.variates(q.xa, q.xb)
-    out.update(_ci(hcca.score, U, V, q.pid, acfg, rng))
+    out.update(_ci(hcca.score, U, V, q.pid, acfg, rng, "svcca / pwcca"))
     out.update(_pairwise_metrics(q.xa, q.xb, q.pid, acfg, rng, rbf=True))
     return out
 
@@ -272,17 +316,17 @@ def code_metrics(
     SVCCA/PWCCA are not computed here: with m ≈ 16k features and a few thousand tokens, every
     CCA direction overfits (k >= n) and the numbers say nothing.
     """
-    sub = passage_subsample(pid, acfg.metric_max_tokens, rng)
+    sub = within_passage_subsample(pid, acfg.metric_max_tokens, rng)
     ca, cb, pid = ca[sub], cb[sub], pid[sub]
     Ka, Kb = linear_gram(ca), linear_gram(cb)
     out = {
-        "linear_cka": _ci(cka_pairwise, Ka, Kb, pid, acfg, rng),
-        "debiased_cka": _ci(debiased_cka_pairwise, Ka, Kb, pid, acfg, rng),
+        "linear_cka": _ci(cka_pairwise, Ka, Kb, pid, acfg, rng, "SAE-code linear_cka"),
+        "debiased_cka": _ci(debiased_cka_pairwise, Ka, Kb, pid, acfg, rng, "SAE-code debiased_cka"),
     }
     out.update(_pairwise_metrics(ca, cb, pid, acfg, rng, rbf=False))
     if hung is not None and len(hung):
         ta, tb = topk_sets(ca, cb, hung.feat_a, hung.feat_b, acfg.top_k_overlap)  # once; resamples index rows
-        out["topk_overlap"] = _ci(jaccard_sets, ta, tb, pid, acfg, rng)
+        out["topk_overlap"] = _ci(jaccard_sets, ta, tb, pid, acfg, rng, "topk_overlap")
     return out
 
 
@@ -308,7 +352,7 @@ def sae_block(
     acfg: AlignConfig, rng: np.random.Generator,
 ) -> tuple[dict[str, MetricResult], dict[str, Matches]]:  # fmt: skip
     """Encode, match features (train), test matches and compute code metrics (held-out)."""
-    sub = passage_subsample(pid_tr, acfg.match_max_tokens, rng)
+    sub = within_passage_subsample(pid_tr, acfg.match_max_tokens, rng)
     ctr_a, ctr_b = _codes(sae_a, tr_a[sub]), _codes(sae_b, tr_b[sub])
     cho_a, cho_b = _codes(sae_a, ho_a), _codes(sae_b, ho_b)
     dec_a, dec_b = _decoder(sae_a), _decoder(sae_b)
@@ -330,14 +374,19 @@ def _score_maps(
     rows = []
     for name, mp in maps.items():
         y_hat = mp.transform(ho.xa)
+        if acfg.n_bootstrap or acfg.n_null:
+            require_passages(ho.n_passages, acfg.min_passages, f"{name}{suffix} R² and retrieval (align.min_passages)")
         r2 = r2_with_ci(y_hat, ho.xb, ho.pid, acfg.n_bootstrap, acfg.n_null, rng, ci=acfg.ci_method)
-        ret = retrieval_accuracy(y_hat, ho.xb, acfg.retrieval_candidates, rng, acfg.retrieval_queries)
+        ret, top1 = retrieval_with_ci(y_hat, ho.xb, ho.pid, acfg.retrieval_candidates, acfg.retrieval_queries,
+                                      acfg.n_bootstrap, acfg.n_null, rng, ci=acfg.ci_method)
         if ret["candidates"] < acfg.retrieval_candidates:
             log.info("layers (%d, %d): only %d held-out anchors, retrieval uses M=%d candidates", la, lb, ho.n, ret["candidates"])
         rows.append({
             "layer_a": la, "layer_b": lb, "method": name + suffix, "n_train": tr_n, "n_heldout": ho.n,
             "r2": r2.value, "r2_ci_low": r2.ci_low, "r2_ci_high": r2.ci_high, "r2_null_mean": r2.null_mean,
-            "r2_p_value": r2.p_value, **{k: ret[k] for k in ("top1", "top10", "chance_top1", "chance_top10", "candidates")},
+            "r2_p_value": r2.p_value, "top1_ci_low": top1.ci_low, "top1_ci_high": top1.ci_high,
+            "top1_null_mean": top1.null_mean, "top1_p_value": top1.p_value, "n_masked": ho.dropped,
+            **{k: ret[k] for k in ("top1", "top10", "chance_top1", "chance_top10", "candidates")},
         })  # fmt: skip
     return rows
 
@@ -357,51 +406,61 @@ class Report:
 
 def _align_pair(
     cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache | None, la: int, lb: int,
-    rng: np.random.Generator, rep: Report,
+    rng: np.random.Generator, rep: Report, progress: bool = False,
 ) -> None:  # fmt: skip
-    acfg = cfg.align
-    tr, ho = _load_paired(cache, la, lb, "train"), _load_paired(cache, la, lb, "heldout")
+    acfg, ratio = cfg.align, cfg.sae.max_norm_ratio
+    tr, ho = _load_paired(cache, la, lb, "train", ratio), _load_paired(cache, la, lb, "heldout", ratio)
     _require(tr, ho, acfg, la, lb)
-    log.info("layers (a=%d, b=%d): %d train / %d held-out anchors", la, lb, tr.n, ho.n)
+    log.info("layers (a=%d, b=%d): %d train / %d held-out anchors after the row mask dropped %d / %d "
+             "(held-out: %d with A's row masked, %d with B's)", la, lb, tr.n, ho.n, tr.dropped, ho.dropped, *ho.masked)
+    rows = lambda space, res: _rows(la, lb, space, res, masked=ho.masked)  # noqa: E731
 
     maps = fit_maps(tr.xa, tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
     for mp in maps.values():
-        mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name)
+        mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
+                       fitted_on="masked raw train anchors", n_masked=tr.dropped)
         mp.save(map_dir(cfg.run_dir, la, lb))
+    bar = tqdm(total=4, desc=f"align A{la}-B{lb}", leave=False, disable=not progress)
+    step = lambda what: (bar.set_postfix_str(what), bar.update(1))  # noqa: E731
     rep.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb)
-    rep.metrics += _rows(la, lb, "resid", resid_metrics(tr, ho, acfg, rng))
-    if acfg.standardized_space:
+    rep.metrics += rows("resid", resid_metrics(tr, ho, acfg, rng))
+    step("masked raw")
+    if acfg.standardized_space:  # basis-dependent variant, labelled as such (see `zscore`)
         ztr, zho = zscore(tr, ho)
         zmaps = fit_maps(ztr.xa, ztr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
         rep.alignment += _score_maps(zmaps, tr.n, zho, acfg, rng, la, lb, suffix=":z")
         za, zb = zscore_stats(tr.xa), zscore_stats(tr.xb)
         for mp in zmaps.values():  # saved as raw-space affine maps, so transfer can apply them like the others
             raw = unstandardize(mp, *za, *zb)
-            raw.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name)
+            raw.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
+                            basis_dependent=True, n_masked=tr.dropped)
             raw.save(map_dir(cfg.run_dir, la, lb))
-        rep.metrics += _rows(la, lb, "resid_z", resid_metrics(ztr, zho, acfg, rng))
+        rep.metrics += rows("resid_z", resid_metrics(ztr, zho, acfg, rng))
+    step("z-scored (basis-dependent)")
 
-    if rcache is not None:  # floor: trained A against randomly initialised B on the same anchors
+    if rcache is not None:  # floor: trained A against randomly initialised B on the same (masked) anchors
         if lb in rcache.layers("b"):
-            rb_tr = Paired(tr.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("train")[:, 1]), tr.pid)
-            rb_ho = Paired(ho.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("heldout")[:, 1]), ho.pid)
+            keep_tr, keep_ho = cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio)
+            rb_tr = Paired(tr.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("train")[keep_tr, 1]), tr.pid, tr.masked, tr.dropped)
+            rb_ho = Paired(ho.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("heldout")[keep_ho, 1]), ho.pid, ho.masked, ho.dropped)
             floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
             rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, acfg, rng, la, lb, suffix=":random_b")
-            rep.metrics += _rows(la, lb, "resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
+            rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
             if acfg.standardized_space:  # the floor for the z-scored numbers, in the same space
                 zrb_tr, zrb_ho = zscore(rb_tr, rb_ho)
                 zfloor = fit_maps(zrb_tr.xa, zrb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
                 rep.alignment += _score_maps(zfloor, tr.n, zrb_ho, acfg, rng, la, lb, suffix=":z:random_b")
-                rep.metrics += _rows(la, lb, "resid_z_random_b", resid_metrics(zrb_tr, zrb_ho, acfg, rng))
+                rep.metrics += rows("resid_z_random_b", resid_metrics(zrb_tr, zrb_ho, acfg, rng))
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
+    step("random-weights floor")
 
     sae_a = _find_sae(cfg, "a", la, cache.d_model("a"))
     sae_b = _find_sae(cfg, "b", lb, cache.d_model("b"))
     if sae_a is not None and sae_b is not None:
         R = maps["procrustes"].rotation if "procrustes" in maps else procrustes_rotation(tr.xa, tr.xb)
         metrics, matches = sae_block(sae_a, sae_b, tr.xa, tr.xb, tr.pid, ho.xa, ho.xb, ho.pid, R, acfg, rng)
-        rep.metrics += _rows(la, lb, "sae", metrics)
+        rep.metrics += rows("sae", metrics)
         for m in matches.values():
             rep.matches += m.rows(la, lb)
 
@@ -409,6 +468,8 @@ def _align_pair(
         if (key, layer) not in rep.ceilings_done:  # a layer can appear in several pairs
             rep.ceilings_done.add((key, layer))
             _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep)
+    step("SAE codes and matches")
+    bar.close()
 
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
@@ -436,39 +497,115 @@ def _centered_with_norms(X: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, 
     return X, norm(X), Z, norm(Z)
 
 
-def _cka_grid(side_a: dict[int, np.ndarray], side_b: dict[int, np.ndarray], source: str) -> list[dict]:
-    """Linear CKA (feature-space formula) for every (layer of A, layer of B); each layer prepared once."""
-    prep_b = {lb: _centered_with_norms(X) for lb, X in side_b.items()}
+def _cka_grid(side_a: dict[int, np.ndarray], side_b: dict[int, np.ndarray], keep_a: dict[int, np.ndarray],
+              keep_b: dict[int, np.ndarray], source: str) -> list[dict]:  # fmt: skip
+    """Linear CKA (feature-space formula) for every (layer of A, layer of B) on the rows both
+    layers' masks keep; z-scored CKA alongside as the basis-dependent variant."""
     rows = []
     for la, Xa in side_a.items():
-        A, na, Az, naz = _centered_with_norms(Xa)
-        for lb, (B, nb, Bz, nbz) in prep_b.items():
+        for lb, Xb in side_b.items():
+            keep = keep_a[la] & keep_b[lb]
+            A, na, Az, naz = _centered_with_norms(Xa[keep])
+            B, nb, Bz, nbz = _centered_with_norms(Xb[keep])
             cka = float(np.sum((A.T @ B).astype(np.float64) ** 2) / (na * nb)) if na * nb > 0 else math.nan
             cka_z = float(np.sum((Az.T @ Bz).astype(np.float64) ** 2) / (naz * nbz)) if naz * nbz > 0 else math.nan
-            rows.append({"layer_a": la, "layer_b": lb, "cka": cka, "cka_z": cka_z, "n_pairs": len(A), "source": source})
+            rows.append({"layer_a": la, "layer_b": lb, "cka": cka, "cka_z": cka_z, "n_pairs": int(keep.sum()),
+                         "n_masked": int((~keep).sum()), "source": source, "ci_low": math.nan, "ci_high": math.nan,
+                         "null_mean": math.nan, "p_value": math.nan})  # fmt: skip
     return rows
 
 
-def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator) -> list[dict]:
-    """Linear CKA for every (layer of A, layer of B) on held-out anchors, raw and z-scored.
+def _norm_keep(X: np.ndarray, ratio: float) -> np.ndarray:
+    """The row-mask norm rule on rows of a layer with no cached train rows: ratio x their median norm."""
+    norms = np.linalg.norm(X.astype(np.float64), axis=1)
+    return norms <= ratio * np.median(norms) if ratio > 0 and len(norms) else np.ones(len(X), bool)
+
+
+def _sweep_rows(cache: ActivationCache, pid: np.ndarray) -> np.ndarray | None:
+    """Cache rows `[n, 2]` of the sweep's anchor pairs (the same held-out passages, paired the same
+    way, in stored order), or None when the cache's pairs do not line up with the sweep's."""
+    pairs = cache.anchor_pairs("heldout")
+    ppid = cache.tokens("a")[pairs[:, 0], 0]
+    order = list(dict.fromkeys(pid.tolist()))
+    rows = np.concatenate([pairs[ppid == p] for p in order]) if order else np.zeros((0, 2), np.int64)
+    rows = rows[: len(pid)]
+    return rows if len(rows) == len(pid) and np.array_equal(cache.tokens("a")[rows[:, 0], 0], pid) else None
+
+
+def _layer_keep(cache: ActivationCache, key: str, X: np.ndarray, rows: np.ndarray | None, ratio: float) -> dict[int, np.ndarray]:
+    """Per layer of the sweep, the rows the row mask keeps: the cache's own mask at cached layers,
+    the same norm rule (ratio x median of the sweep's rows) elsewhere, the sink always."""
+    sink = np.ones(X.shape[1], bool)
+    if rows is not None:
+        sink = ~cache.sink_rows(key)[rows[:, 0 if key == "a" else 1]]
+    out = {}
+    for layer in range(X.shape[0]):
+        if rows is not None and layer in cache.layers(key):
+            out[layer] = cache.row_mask(key, layer, ratio)[rows[:, 0 if key == "a" else 1]]
+        else:
+            out[layer] = _norm_keep(X[layer], ratio) & sink
+    return out
+
+
+def _cell_cis(rows: list[dict], side_a: dict, side_b: dict, keep_a: dict, keep_b: dict, pid: np.ndarray,
+              cells: set, acfg: AlignConfig, rng: np.random.Generator) -> None:  # fmt: skip
+    """Passage CI and shuffled-pairing null of linear CKA for the chosen cells (Gram form, resampled by index)."""
+    todo = [r for r in rows if (r["layer_a"], r["layer_b"]) in cells]
+    for r in tqdm(todo, desc="layer CKA CIs", leave=False, disable=None):
+        keep = keep_a[r["layer_a"]] & keep_b[r["layer_b"]]
+        res = _ci(cka_pairwise, linear_gram(side_a[r["layer_a"]][keep]), linear_gram(side_b[r["layer_b"]][keep]),
+                  pid[keep], acfg, rng, f"layer CKA A{r['layer_a']}-B{r['layer_b']}")
+        r.update(ci_low=res.ci_low, ci_high=res.ci_high, null_mean=res.null_mean, p_value=res.p_value)
+
+
+def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator, acfg: AlignConfig | None = None,
+              ratio: float | None = None, pairs_of_interest: list[tuple[int, int]] | None = None) -> list[dict]:  # fmt: skip
+    """Linear CKA for every (layer of A, layer of B) on masked held-out anchors, raw and z-scored.
 
     Uses the all-layers sweep (`cache/layer_sweep`, every block of both models) when extraction
-    wrote one; otherwise the cached layers only.
+    wrote one; otherwise the cached layers only. With `acfg`, the configured layer pairs and each
+    A layer's best B layer get a passage CI and a shuffled-pairing null (columns ci_low ... p_value);
+    when the sweep holds fewer than align.min_passages passages those stay empty and a warning says so.
     """
+    ratio = cache.mask_ratio() if ratio is None else ratio
     sweep = cache.dir / "layer_sweep"
     if (sweep / "sweep.json").is_file():
         xa, xb = load_npy(sweep / "a.npy", mmap=False), load_npy(sweep / "b.npy", mmap=False)
         if xa.shape[1] < 2:
             raise InsufficientDataError(f"{sweep} holds {xa.shape[1]} anchor pairs; layer CKA needs at least 2")
-        return _cka_grid(dict(enumerate(xa)), dict(enumerate(xb)), "layer_sweep")
-    pairs = cache.anchor_pairs("heldout")
-    if len(pairs) < 2:
-        raise InsufficientDataError(f"layer CKA needs at least 2 held-out anchor pairs, got {len(pairs)}")
-    pid = cache.tokens("a")[pairs[:, 0], 0]
-    pairs = pairs[passage_subsample(pid, max_tokens, rng)]
-    side_a = {la: cache.acts("a", la).take(pairs[:, 0]) for la in cache.layers("a")}
-    side_b = {lb: cache.acts("b", lb).take(pairs[:, 1]) for lb in cache.layers("b")}
-    return _cka_grid(side_a, side_b, "cached_layers")
+        pid = load_npy(sweep / "passage_id.npy", mmap=False)
+        crow = _sweep_rows(cache, pid)
+        if crow is None:
+            log.warning("%s: sweep rows do not line up with the cache's held-out anchors; masking by the norm rule only", sweep)
+        side_a, side_b = dict(enumerate(xa)), dict(enumerate(xb))
+        keep_a, keep_b = _layer_keep(cache, "a", xa, crow, ratio), _layer_keep(cache, "b", xb, crow, ratio)
+        source = "layer_sweep"
+    else:
+        pairs = cache.anchor_pairs("heldout")
+        if len(pairs) < 2:
+            raise InsufficientDataError(f"layer CKA needs at least 2 held-out anchor pairs, got {len(pairs)}")
+        pid = cache.tokens("a")[pairs[:, 0], 0]
+        sub = within_passage_subsample(pid, max_tokens, rng)
+        pairs, pid = pairs[sub], pid[sub]
+        side_a = {la: cache.acts("a", la).take(pairs[:, 0]) for la in cache.layers("a")}
+        side_b = {lb: cache.acts("b", lb).take(pairs[:, 1]) for lb in cache.layers("b")}
+        keep_a = {la: cache.row_mask("a", la, ratio)[pairs[:, 0]] for la in side_a}
+        keep_b = {lb: cache.row_mask("b", lb, ratio)[pairs[:, 1]] for lb in side_b}
+        source = "cached_layers"
+    rows = _cka_grid(side_a, side_b, keep_a, keep_b, source)
+    if acfg is not None and (acfg.n_bootstrap or acfg.n_null):
+        n_pass = len(np.unique(pid))
+        if n_pass < acfg.min_passages:
+            log.warning("layer CKA: the %s holds %d passages, fewer than align.min_passages=%d; no CI or null for it "
+                        "(raise extract.layer_sweep_tokens)", source, n_pass, acfg.min_passages)
+        else:
+            best = {}
+            for r in rows:
+                if np.isfinite(r["cka"]) and r["cka"] > best.get(r["layer_a"], (None, -np.inf))[1]:
+                    best[r["layer_a"]] = (r["layer_b"], r["cka"])
+            cells = {(la, lb) for la, (lb, _) in best.items()} | set(pairs_of_interest or [])
+            _cell_cis(rows, side_a, side_b, keep_a, keep_b, pid, cells, acfg, rng)
+    return rows
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
@@ -480,20 +617,23 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def run_align(cfg: RunConfig, layers_a: list[int] | None = None, layers_b: list[int] | None = None) -> None:
+def run_align(cfg: RunConfig, layers_a: list[int] | None = None, layers_b: list[int] | None = None,
+              progress: bool = True) -> None:  # fmt: skip
     """Stage entry: align each configured (or requested) layer pair and write the report CSVs."""
     cache = ActivationCache(cfg.cache_dir)
     pairs = _layer_pairs(cfg, cache, layers_a, layers_b)
     rcache = _random_cache(cfg, cache)
     rng = np.random.default_rng(cfg.seed)
     rep = Report([], [], [], [])
-    for la, lb in pairs:
-        _align_pair(cfg, cache, rcache, la, lb, rng, rep)
+    for la, lb in tqdm(pairs, desc="align layer pairs", disable=not progress):
+        _align_pair(cfg, cache, rcache, la, lb, rng, rep, progress)
+    add_qvalues(rep.metrics)
     report = cfg.report_dir
     write_csv(report / "metrics.csv", METRIC_COLUMNS, rep.metrics)
     write_csv(report / "alignment.csv", ALIGN_COLUMNS, rep.alignment)
     write_csv(report / "feature_matches.csv", MATCH_COLUMNS, rep.matches)
     if rep.seed_matches:
         write_csv(report / "feature_matches_seed.csv", MATCH_COLUMNS, rep.seed_matches)
-    write_csv(report / "layer_cka.csv", LAYER_CKA_COLUMNS, layer_cka(cache, cfg.align.layer_cka_max_tokens, rng))
+    grid = layer_cka(cache, cfg.align.layer_cka_max_tokens, rng, cfg.align, cfg.sae.max_norm_ratio, pairs)
+    write_csv(report / "layer_cka.csv", LAYER_CKA_COLUMNS, grid)
     log.info("align: wrote %s", report)

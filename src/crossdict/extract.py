@@ -36,6 +36,7 @@ from .cache import (
     shard_dir,
     shard_is_done,
     write_manifest,
+    write_row_masks,
     write_shard,
 )
 from .config import RunConfig
@@ -189,6 +190,10 @@ def run_extract(cfg: RunConfig, backends: dict[str, Backend] | Callable[[], dict
         check_same_config(dist, cfg.to_dict())
     load = backends if callable(backends) else (lambda: backends or load_backends(cfg, dist.device))
     cache = _main_cache(cfg, load, progress, dist)
+    if dist.is_main:  # the rows every later stage leaves out (cache.py, "Row mask"); seconds, idempotent
+        _report_masks(write_row_masks(cache, cfg.sae.max_norm_ratio))
+    dist.barrier()
+    cache = ActivationCache(cache.dir)  # every rank reads the manifest with its mask field
     need_floor = cfg.extract.random_floor and not _floor_is_current(cfg, cache)
     need_sweep = cfg.extract.layer_sweep_tokens > 0 and not _sweep_is_current(cfg, cache) and dist.is_main
     dist.barrier()  # every rank has read the floor's state before rank 0 rewrites its manifest
@@ -200,6 +205,12 @@ def run_extract(cfg: RunConfig, backends: dict[str, Backend] | Callable[[], dict
         extract_layer_sweep(cfg, backends, cache)
     dist.barrier()
     return cache
+
+
+def _report_masks(field_: dict) -> None:
+    parts = [f"{k}{layer}: {info['dropped']} ({info['dropped_sink']} sink, {info['dropped_massive']} massive)"
+             for k, layers in field_["layers"].items() for layer, info in layers.items()]
+    print(f"[crossdict] extract: row mask (max_norm_ratio {field_['max_norm_ratio']}) drops rows " + ", ".join(parts))
 
 
 def _floor_key(cfg: RunConfig, cache: ActivationCache) -> dict:

@@ -563,11 +563,18 @@ def _replace_at(values: list[torch.Tensor], pairs: list[np.ndarray]) -> Edit:
 
 
 def _keep_normal(pairs: list[np.ndarray], hs_a: torch.Tensor, hs_b: torch.Tensor, max_a: float | None,
-                 max_b: float | None) -> list[np.ndarray]:
-    """Drop pairs where either residual is a massive activation (attention sink) the maps were not made for."""
+                 max_b: float | None, sink_a: bool = False, sink_b: bool = False) -> list[np.ndarray]:
+    """Drop pairs where either residual is a massive activation (attention sink) the maps were not made for.
+
+    The cache's row-mask rule (`cache.py`, "Row mask"): norm above the layer's `max_norm`, or position 0
+    of a model without BOS (`sink_a` / `sink_b`), whose first token is the attention sink."""
     out = []
     for i, p in enumerate(pairs):
         keep = normal_rows(hs_a[i, p[:, 0]].norm(dim=-1), max_a) & normal_rows(hs_b[i, p[:, 1]].norm(dim=-1), max_b)
+        if sink_a:
+            keep &= p[:, 0] != 0
+        if sink_b:
+            keep &= p[:, 1] != 0
         out.append(p[keep])
     return out
 
@@ -587,7 +594,8 @@ def pair_batches(a: Side, b: Side, max_a: float | None, max_b: float | None) -> 
     for ba, bb in zip(a.clean.batches, b.clean.batches):
         ha = a.backend.hidden_states(ba, [a.layer])[a.layer]
         hb = b.backend.hidden_states(bb, [b.layer])[b.layer]
-        p = _keep_normal(paired_positions(ba, bb), ha, hb, max_a, max_b)
+        p = _keep_normal(paired_positions(ba, bb), ha, hb, max_a, max_b,
+                         not getattr(a.backend, "has_bos", True), not getattr(b.backend, "has_bos", True))
         pairs.append(p)
         hs_a.append(ha)
         n += sum(len(x) for x in p)
@@ -848,7 +856,8 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
             examples.append(ex)
         if feature_idx is not None:
             continue
-        pairing = pair_batches(a, b, sae_a.spec.metadata.get("max_norm"), sae_b.spec.metadata.get("max_norm"))
+        ratio = cfg.sae.max_norm_ratio  # the cache's row mask thresholds, the ones every other stage used
+        pairing = pair_batches(a, b, cache.mask_info("a", la, ratio)["max_norm"], cache.mask_info("b", lb, ratio)["max_norm"])
         mean_b = cache.acts("b", lb).take(np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))).mean(0)
         stitching += stitching_rows(a, b, maps, pairing, mean_b, gen, seed=cfg.seed)
         ho = cache.rows("b", "heldout")

@@ -129,7 +129,7 @@ ALIGN_FILES = ("metrics.csv", "alignment.csv", "feature_matches.csv", "layer_cka
 
 
 def _run_align(ctx: Context) -> None:
-    from .align import run_align
+    from .evaluate import run_align
 
     run_align(ctx.cfg)
 

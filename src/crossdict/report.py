@@ -236,7 +236,7 @@ def _match_section(cfg: RunConfig, matches: list[dict], seed_matches: list[dict]
         seed = [_num(m["act_corr"]) for m in seed_matches if m["method"] == "seed_a:hungarian" and m["layer_a"] == la]
         if seed:
             ax.hist(seed, bins=bins, histtype="step", color="#228833", label="seed-to-seed (A)")
-        ax.set(title=f"A{la} ↔ B{lb}: matched-pair correlation", xlabel="activation correlation (train anchors)")
+        ax.set(title=f"A{la} ↔ B{lb}: matched-pair correlation", xlabel="activation correlation (held-out anchors)")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     ax = axes[0][-1]
@@ -477,7 +477,7 @@ _HOW_TO_READ = """<section id="howto"><h2>How to read this report</h2><ul>
 <li><b>Anchor pairs</b>: token i of A and token j of B are paired when both end at the same character, so both models have read exactly the same text.</li>
 <li><b>Held-out</b>: every map and match is fitted on train passages; every number here is scored on held-out passages.</li>
 <li><b>CI, null, floor, ceiling</b>: a metric matters when its CI clears the shuffled-pairing null and the random-weights floor; the seed-to-seed SAE ceiling says how similar two dictionaries of the <i>same</i> model are.</li>
-<li><b>Rogue dimensions</b>: raw residual streams carry a few huge dimensions; z-scored ("resid_z", ":z") numbers are the ones that reflect the whole representation.</li>
+<li><b>Masked raw space</b>: every number is computed on raw residuals with massive activations and the attention sink of a model without BOS left out (the cache row mask); z-scored ("resid_z", ":z") numbers depend on each model's basis and are a labelled variant, not the headline.</li>
 <li><b>Feature pairs</b>: correlation is over paired tokens; decoder cosine compares directions after the Procrustes map; stability is the share of passage-bootstrap resamples in which the same match recurs.</li>
 </ul></section>"""
 

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .backend import Backend, Batch
-from .cache import ActivationCache, hook_name
+from .cache import ActivationCache, hook_name, massive_threshold
 from .config import RunConfig, SAEConfig
 from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
 from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
@@ -432,12 +432,10 @@ def massive_activation_threshold(acts: Rows, rows: np.ndarray, ratio: float, sam
     A few tokens (the first token, some delimiters: attention sinks) carry residual norms 100x the
     median (Sun et al. 2024, "Massive activations in LLMs"; SmolLM2-135M from block ~11 on). Left in,
     they dominate an SAE's loss and starve most latents (most die), so they are left out of SAE
-    training and evaluation, like BOS tokens are elsewhere.
+    training and evaluation, like BOS tokens are elsewhere. The rule is the cache's row-mask rule
+    (`cache.massive_threshold`); the SAE stages read the stored mask (`ActivationCache.row_mask`).
     """
-    if ratio <= 0 or len(rows) == 0:
-        return None
-    pick = np.sort(np.random.default_rng(0).choice(rows, size=min(sample, len(rows)), replace=False))
-    return float(ratio * np.median(np.linalg.norm(acts.take(pick), axis=1)))
+    return massive_threshold(acts, rows, ratio, sample)
 
 
 def drop_massive(acts: Rows, rows: np.ndarray, max_norm: float | None, block: int = 65536) -> np.ndarray:
@@ -571,7 +569,7 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
 
 # --- stage entry point --------------------------------------------------------------------------
 
-CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "excluded_frac",
+CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "excluded_frac", "masked_rows",
                "loss_clean", "loss_sae", "loss_zero", "loss_mean", "frac_recovered_zero", "frac_recovered_mean",
                "train_tokens", "wall_s"]
 
@@ -643,7 +641,10 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
 
 
 def _layer_rows(cfg: RunConfig, cache: ActivationCache, key: str, layer: int) -> tuple:
-    """(acts, max_norm, train rows, held-out rows) of one cached layer, massive activations left out."""
+    """(acts, max_norm, train rows, held-out rows) of one cached layer, masked rows left out.
+
+    The rows are those of the cache's row mask (`ActivationCache.row_mask`: massive activations and
+    the attention sink of a model without BOS), the same rows every other stage uses."""
     d_model = cache.d_model(key)
     acts = cache.acts(key, layer)
     if acts.shape[1] != d_model:
@@ -651,8 +652,9 @@ def _layer_rows(cfg: RunConfig, cache: ActivationCache, key: str, layer: int) ->
                          f"({cfg.model(key).name}) has d_model={d_model}, but {hook_name(layer)} has "
                          f"{acts.shape[1]} columns; re-extract the cache")
     train_rows, held_rows = cache.rows(key, "train"), cache.rows(key, "heldout")
-    max_norm = massive_activation_threshold(acts, train_rows, cfg.sae.max_norm_ratio)
-    return acts, max_norm, train_rows, drop_massive(acts, train_rows, max_norm), drop_massive(acts, held_rows, max_norm)
+    keep = cache.row_mask(key, layer, cfg.sae.max_norm_ratio)
+    max_norm = cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["max_norm"]
+    return acts, max_norm, train_rows, train_rows[keep[train_rows]], held_rows[keep[held_rows]]
 
 
 def _train_one(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data: tuple,
@@ -692,6 +694,7 @@ def _train_one(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, see
            "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
            "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
            "wall_s": round(metrics.get("train_wall_s", time.perf_counter() - t0), 2)}
+    row["masked_rows"] = int(cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["dropped"])  # of all cached rows
     row.update({c: metrics.get(c, "") for c in CSV_COLUMNS if c not in row})
     return row
 
