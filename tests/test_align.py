@@ -199,8 +199,21 @@ def test_run_align_end_to_end(toy_run, caplog):
     rep = cfg.report_dir
 
     cols, rows = _read(rep / "metrics.csv")
-    assert cols == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value", "split"]
+    assert cols[:10] == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value", "split"]
+    assert {"floor_token", "floor_context", "floor_random", "ceiling", "universality", "universality_ci_low"} <= set(cols)
     got = {(int(r["layer_a"]), int(r["layer_b"]), r["space"], r["metric"]): r for r in rows}
+    for pair in ((1, 2), (3, 4)):  # floors that share the input, and universality between floor and ceiling
+        for metric in ("linear_cka", "svcca", "procrustes_r2", "retrieval_top1", "topk_overlap", "significant_share"):
+            u = got[(*pair, "universality", metric)]
+            assert u["floor_used"] in ("token", "context", "random"), (pair, metric)
+        cka = got[(*pair, "universality", "linear_cka")]
+        assert float(cka["value"]) > float(cka["floor_token"]) and float(cka["ceiling"]) == 1.0
+        lo, u, hi = (float(cka[c]) for c in ("universality_ci_low", "universality", "universality_ci_high"))
+        assert lo <= u <= hi and float(cka["p_diff_floor"]) < 0.1
+        assert float(got[(*pair, "resid", "linear_cka")]["floor_token"]) == float(got[(*pair, "resid_token_b", "linear_cka")]["value"])
+        assert got[(*pair, "universality", "topk_overlap")]["ceiling_kind"] == "seed"
+        assert (*pair, "sae_token_b", "n_significant_hungarian") in got and (*pair, "sae", "n_tested_hungarian") in got
+        assert float(got[(*pair, "sae_token_b", "n_significant_hungarian")]["value"]) == 0.0  # token identity: no matches
     for pair in ((1, 2), (3, 4)):
         for metric in ("linear_cka", "debiased_cka", "svcca", "pwcca", "rbf_cka", "rsa", "mutual_knn"):
             r = got[(*pair, "resid", metric)]
