@@ -245,8 +245,13 @@ def test_run_align_end_to_end(toy_run, caplog):
     cols, rows = _read(rep / "feature_matches.csv")
     assert tuple(cols) == MATCH_COLUMNS
     assert {r["method"] for r in rows} == {"hungarian", "mnn", "mnn_dec"}
+    assert any(r["tested"] == "1" for r in rows)
     for r in rows:
-        assert 0.0 <= float(r["p_value"]) <= 1.0 and float(r["q_value"]) >= float(r["p_value"]) - 1e-12
+        if r["tested"] == "1":  # both features have held-out support; p = max(shuffled, token-stratified)
+            assert 0.0 <= float(r["p_value"]) <= 1.0 and float(r["q_value"]) >= float(r["p_value"]) - 1e-12
+            assert float(r["p_value"]) >= float(r["p_shuffle"]) and int(r["n_passages_a"]) >= 5
+        else:
+            assert r["p_value"] == "nan"
         assert -1.0 <= float(r["act_corr"]) <= 1.0 and -1.0 <= float(r["dec_cos"]) <= 1.0
     assert (rep / "feature_matches_seed.csv").is_file()
 

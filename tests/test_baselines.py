@@ -147,3 +147,18 @@ def test_annotate_fills_floors_ceiling_and_universality():
     assert s["floor_used"] == "context" and s["ceiling"] == pytest.approx(0.8) and s["universality"] == pytest.approx(0.5)
     r = out[("resid", "linear_cka")]
     assert r["ceiling"] == 1.0 and r["universality"] == pytest.approx(0.5) and np.isnan(r["floor_random"])
+
+
+def test_report_section_shows_floor_value_ceiling_and_universality_first(tmp_path):
+    from crossdict.config import config_from_dict
+    from crossdict.report import _universality_section
+
+    cfg = config_from_dict({"run_name": "t", "output_dir": str(tmp_path), "model_a": {"name": "a", "layers": [1]},
+                            "model_b": {"name": "b", "layers": [2]}})  # fmt: skip
+    row = {"layer_a": "1", "layer_b": "2", "space": "universality", "metric": "topk_overlap", "value": "0.3",
+           "floor_token": "0.1", "floor_context": "0.05", "floor_random": "nan", "ceiling": "0.5", "ceiling_kind": "seed",
+           "universality": "0.5", "universality_ci_low": "0.4", "universality_ci_high": "0.6", "p_diff_floor": "0.02",
+           "floor_used": "token"}  # fmt: skip
+    html = _universality_section(cfg, [row])
+    assert "universality 0.50 [0.40, 0.60]" in html.split("<li>")[1]
+    assert "0.100 (token)</span> ▸ <b>0.300</b> ▸ <span class=null>0.500 (seed)" in html
