@@ -128,6 +128,8 @@ class AlignConfig:
     """... and on at least this many held-out tokens; dead and rarer features are counted, not matched."""
     match_min_corr: float = 0.1
     """Effect-size threshold next to q: a significant match also needs held-out act_corr >= this."""
+    match_token_null: bool = True
+    """Also test each match against the null that re-pairs anchors within B's token id (see `matching`)."""
     input_floors: list[str] = field(default_factory=lambda: ["token", "context"])
     """Floors that share the input (see `baselines`): B replaced by its token id / token + previous token."""
     retrieval_queries: int = 5000

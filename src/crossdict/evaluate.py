@@ -321,7 +321,8 @@ def sae_block(
         dec_a = dec_a @ rotation  # A's decoder directions expressed in B's residual basis
     matches = match_features(
         ctr_a, ctr_b, pid_tr[sub], cho_a, cho_b, pid_ho, dec_a, dec_b,
-        n_null=acfg.n_match_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng, strata=strata,
+        n_null=acfg.n_match_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng,
+        strata=strata if acfg.match_token_null else None,
         min_passages=acfg.min_feature_passages, min_tokens=acfg.min_feature_tokens, min_corr=acfg.match_min_corr,
     )  # fmt: skip
     if keep is not None:
