@@ -269,7 +269,10 @@ def test_run_align_without_saes_or_random_cache(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         run_align(cfg, layers_a=[3], layers_b=[4])
     _, rows = _read(cfg.report_dir / "metrics.csv")
-    assert {r["space"] for r in rows} == {"resid", "resid_z"} and {r["layer_a"] for r in rows} == {"3"}
+    # token / context floors need no SAE and no random cache; no seed ceiling: residual metrics only
+    assert {r["space"] for r in rows} == {"resid", "resid_z", "resid_token_b", "resid_context_b", "universality"}
+    assert {r["layer_a"] for r in rows} == {"3"}
+    assert {r["metric"] for r in rows if r["space"] == "universality"} == {"linear_cka", "svcca", "procrustes_r2", "retrieval_top1"}
     _, rows = _read(cfg.report_dir / "feature_matches.csv")
     assert rows == []
     assert "cache_random" in caplog.text and "no SAE at" in caplog.text
