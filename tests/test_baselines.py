@@ -8,7 +8,7 @@ from scipy import sparse
 
 from align_fixtures import shared_private_codes
 from crossdict.baselines import (
-    Floors, TokenCodes, anchor_tokens, annotate, joint_resamples, paired_test, token_embedding, universality,
+    TokenCodes, anchor_tokens, annotate, joint_resamples, paired_test, token_embedding, universality,
 )
 from crossdict.matching import match_features, read_matches, support, token_stratified_pairing, MATCH_COLUMNS
 
