@@ -200,9 +200,23 @@ def test_run_align_end_to_end(toy_run, caplog):
     rep = cfg.report_dir
 
     cols, rows = _read(rep / "metrics.csv")
-    assert cols == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value",
-                    "q_value", "split", "n_tokens", "n_passages", "masked_a", "masked_b"]
+    assert cols[:10] == ["layer_a", "layer_b", "space", "metric", "value", "ci_low", "ci_high", "null_mean", "p_value",
+                         "q_value"]
+    assert {"split", "n_tokens", "n_passages", "masked_a", "masked_b"} <= set(cols)
+    assert {"floor_token", "floor_context", "floor_random", "ceiling", "universality", "universality_ci_low"} <= set(cols)
     got = {(int(r["layer_a"]), int(r["layer_b"]), r["space"], r["metric"]): r for r in rows}
+    for pair in ((1, 2), (3, 4)):  # floors that share the input, and universality between floor and ceiling
+        for metric in ("linear_cka", "svcca", "procrustes_r2", "retrieval_top1", "topk_overlap", "significant_share"):
+            u = got[(*pair, "universality", metric)]
+            assert u["floor_used"] in ("token", "context", "random"), (pair, metric)
+        cka = got[(*pair, "universality", "linear_cka")]
+        assert float(cka["value"]) > float(cka["floor_token"]) and float(cka["ceiling"]) == 1.0
+        lo, u, hi = (float(cka[c]) for c in ("universality_ci_low", "universality", "universality_ci_high"))
+        assert lo <= u <= hi and float(cka["p_diff_floor"]) < 0.1
+        assert float(got[(*pair, "resid", "linear_cka")]["floor_token"]) == float(got[(*pair, "resid_token_b", "linear_cka")]["value"])
+        assert got[(*pair, "universality", "topk_overlap")]["ceiling_kind"] == "seed"
+        assert (*pair, "sae_token_b", "n_significant_hungarian") in got and (*pair, "sae", "n_tested_hungarian") in got
+        assert float(got[(*pair, "sae_token_b", "n_significant_hungarian")]["value"]) == 0.0  # token identity: no matches
     for pair in ((1, 2), (3, 4)):
         for metric in ("linear_cka", "debiased_cka", "svcca", "pwcca", "rbf_cka", "rsa", "mutual_knn"):
             r = got[(*pair, "resid", metric)]
@@ -234,8 +248,13 @@ def test_run_align_end_to_end(toy_run, caplog):
     cols, rows = _read(rep / "feature_matches.csv")
     assert tuple(cols) == MATCH_COLUMNS
     assert {r["method"] for r in rows} == {"hungarian", "mnn", "mnn_dec"}
+    assert any(r["tested"] == "1" for r in rows)
     for r in rows:
-        assert 0.0 <= float(r["p_value"]) <= 1.0 and float(r["q_value"]) >= float(r["p_value"]) - 1e-12
+        if r["tested"] == "1":  # both features have held-out support; p = max(shuffled, token-stratified)
+            assert 0.0 <= float(r["p_value"]) <= 1.0 and float(r["q_value"]) >= float(r["p_value"]) - 1e-12
+            assert float(r["p_value"]) >= float(r["p_shuffle"]) and int(r["n_passages_a"]) >= 5
+        else:
+            assert r["p_value"] == "nan"
         assert -1.0 <= float(r["act_corr"]) <= 1.0 and -1.0 <= float(r["dec_cos"]) <= 1.0
     assert (rep / "feature_matches_seed.csv").is_file()
 
@@ -253,7 +272,10 @@ def test_run_align_without_saes_or_random_cache(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         run_align(cfg, layers_a=[3], layers_b=[4])
     _, rows = _read(cfg.report_dir / "metrics.csv")
-    assert {r["space"] for r in rows} == {"resid", "resid_z"} and {r["layer_a"] for r in rows} == {"3"}
+    # token / context floors need no SAE and no random cache; no seed ceiling: residual metrics only
+    assert {r["space"] for r in rows} == {"resid", "resid_z", "resid_token_b", "resid_context_b", "universality"}
+    assert {r["layer_a"] for r in rows} == {"3"}
+    assert {r["metric"] for r in rows if r["space"] == "universality"} == {"linear_cka", "svcca", "procrustes_r2", "retrieval_top1"}
     _, rows = _read(cfg.report_dir / "feature_matches.csv")
     assert rows == []
     assert "cache_random" in caplog.text and "no SAE at" in caplog.text

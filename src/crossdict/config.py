@@ -129,6 +129,16 @@ class AlignConfig:
     match_pvalue: Literal["empirical", "pooled", "normal"] = "empirical"
     """Per-match p-value from the shuffled-pairing null; see `matching.p_values`."""
     mknn_k: int = 10
+    min_feature_passages: int = 5
+    """A feature is tested for a match only when it fires in at least this many held-out passages."""
+    min_feature_tokens: int = 20
+    """... and on at least this many held-out tokens; dead and rarer features are counted, not matched."""
+    match_min_corr: float = 0.1
+    """Effect-size threshold next to q: a significant match also needs held-out act_corr >= this."""
+    match_token_null: bool = True
+    """Also test each match against the null that re-pairs anchors within B's token id (see `matching`)."""
+    input_floors: list[str] = field(default_factory=lambda: ["token", "context"])
+    """Floors that share the input (see `baselines`): B replaced by its token id / token + previous token."""
     retrieval_queries: int = 5000
     layer_cka_max_tokens: int = 20_000
     min_passages: int = 10
@@ -284,6 +294,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rsa_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
     "min_passages": (lambda v: v >= 2, "an integer >= 2"),
     "min_anchors": (lambda v: v >= 4, "an integer >= 4"),
+    "min_feature_passages": (lambda v: v >= 1, "an integer >= 1"),
+    "min_feature_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "match_min_corr": (lambda v: -1.0 <= v < 1.0, "a correlation in [-1, 1)"),
+    "input_floors": (lambda v: set(v) <= {"token", "context"}, "a list of 'token' and/or 'context'"),
     "retrieval_candidates": (lambda v: v >= 2, "an integer >= 2"),
     "q_threshold": (lambda v: 0.0 < v < 1.0, "a number strictly between 0 and 1"),
     "n_random_controls": (lambda v: v >= 1, "an integer >= 1"),

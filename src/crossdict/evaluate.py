@@ -36,6 +36,7 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
+from . import baselines
 from .align import fit_maps, map_dir, unstandardize, procrustes_rotation, r2_with_ci, retrieval_with_ci
 from .cache import ActivationCache
 from .config import AlignConfig, RunConfig
@@ -349,9 +350,13 @@ def _codes(sae: Any, X: np.ndarray) -> Any:
 def sae_block(
     sae_a: Any, sae_b: Any, tr_a: np.ndarray, tr_b: np.ndarray, pid_tr: np.ndarray,
     ho_a: np.ndarray, ho_b: np.ndarray, pid_ho: np.ndarray, rotation: np.ndarray | None,
-    acfg: AlignConfig, rng: np.random.Generator,
+    acfg: AlignConfig, rng: np.random.Generator, strata: np.ndarray | None = None, keep: dict | None = None,
 ) -> tuple[dict[str, MetricResult], dict[str, Matches]]:  # fmt: skip
-    """Encode, match features (train), test matches and compute code metrics (held-out)."""
+    """Encode, match features (train), test matches and compute code metrics (held-out).
+
+    strata `[n_ho]`: B's token id per held-out anchor (token-stratified match null); `keep`, when
+    given, receives the held-out codes ("ca", "cb") for the floors/ceilings in `baselines`.
+    """
     sub = within_passage_subsample(pid_tr, acfg.match_max_tokens, rng)
     ctr_a, ctr_b = _codes(sae_a, tr_a[sub]), _codes(sae_b, tr_b[sub])
     cho_a, cho_b = _codes(sae_a, ho_a), _codes(sae_b, ho_b)
@@ -361,10 +366,15 @@ def sae_block(
     matches = match_features(
         ctr_a, ctr_b, pid_tr[sub], cho_a, cho_b, pid_ho, dec_a, dec_b,
         n_null=acfg.n_match_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng,
+        strata=strata if acfg.match_token_null else None,
+        min_passages=acfg.min_feature_passages, min_tokens=acfg.min_feature_tokens, min_corr=acfg.match_min_corr,
     )  # fmt: skip
+    if keep is not None:
+        keep.update(ca=cho_a, cb=cho_b)
     metrics = code_metrics(cho_a, cho_b, pid_ho, matches.get("hungarian"), acfg, rng)
     alive_a = int(np.count_nonzero(np.asarray((cho_a > 0).sum(0)).ravel()))
     metrics.update(match_summary(matches, cho_a.shape[1], alive_a, acfg.q_threshold))
+    metrics.update({k: _plain(v) for k, v in baselines.match_count_metrics(matches, cho_a, pid_ho, acfg).items()})
     return metrics, matches
 
 
@@ -402,6 +412,8 @@ class Report:
     matches: list[dict]
     seed_matches: list[dict]
     ceilings_done: set = field(default_factory=set)
+    floors: Any = None  # baselines.Floors: B's token ids at the anchors
+    ceilings: dict = field(default_factory=dict)  # (key, layer, la, lb) -> baselines.CodePair of the seed ceiling
 
 
 def _align_pair(
@@ -438,6 +450,16 @@ def _align_pair(
         rep.metrics += rows("resid_z", resid_metrics(ztr, zho, acfg, rng))
     step("z-scored (basis-dependent)")
 
+    # floors that share the input, through the same path as the real numbers (baselines), on the same masked anchors
+    floors = rep.floors.masked(cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio))
+    resid_floors = {}
+    for name in acfg.input_floors:
+        fb_tr, fb_ho = floors.resid(name)
+        ftr, fho = Paired(tr.xa, fb_tr, tr.pid, tr.masked, tr.dropped), Paired(ho.xa, fb_ho, ho.pid, ho.masked, ho.dropped)
+        fmaps = fit_maps(ftr.xa, ftr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
+        rep.alignment += _score_maps(fmaps, tr.n, fho, acfg, rng, la, lb, suffix=f":{name}_b")
+        rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, acfg, rng))
+        resid_floors[name] = (ftr.xa, ftr.xb, fho.xa, fho.xb, fmaps["procrustes"])
     if rcache is not None:  # floor: trained A against randomly initialised B on the same (masked) anchors
         if lb in rcache.layers("b"):
             keep_tr, keep_ho = cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio)
@@ -446,6 +468,7 @@ def _align_pair(
             floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
             rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, acfg, rng, la, lb, suffix=":random_b")
             rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
+            resid_floors["random"] = (rb_tr.xa, rb_tr.xb, rb_ho.xa, rb_ho.xb, floor_maps["procrustes"])
             if acfg.standardized_space:  # the floor for the z-scored numbers, in the same space
                 zrb_tr, zrb_ho = zscore(rb_tr, rb_ho)
                 zfloor = fit_maps(zrb_tr.xa, zrb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
@@ -459,21 +482,38 @@ def _align_pair(
     sae_b = _find_sae(cfg, "b", lb, cache.d_model("b"))
     if sae_a is not None and sae_b is not None:
         R = maps["procrustes"].rotation if "procrustes" in maps else procrustes_rotation(tr.xa, tr.xb)
-        metrics, matches = sae_block(sae_a, sae_b, tr.xa, tr.xb, tr.pid, ho.xa, ho.xb, ho.pid, R, acfg, rng)
+        keep: dict = {}
+        strata = floors.tok_ho
+        metrics, matches = sae_block(sae_a, sae_b, tr.xa, tr.xb, tr.pid, ho.xa, ho.xb, ho.pid, R, acfg, rng, strata, keep)
         rep.metrics += rows("sae", metrics)
         for m in matches.values():
             rep.matches += m.rows(la, lb)
+        real = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
+        code_floors = {}
+        for name in acfg.input_floors:  # B's SAE replaced by a token-identity encoder, same sae_block
+            tok_sae, ids_tr, ids_ho = floors.codes(name)
+            fkeep: dict = {}
+            fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep)
+            rep.metrics += rows(f"sae_{name}_b", fm)
+            code_floors[name] = baselines.CodePair(fkeep["ca"], fkeep["cb"], fmatch.get("hungarian"))
 
     for key, layer, x_tr, x_ho in (("a", la, tr.xa, ho.xa), ("b", lb, tr.xb, ho.xb)):
-        if (key, layer) not in rep.ceilings_done:  # a layer can appear in several pairs
-            rep.ceilings_done.add((key, layer))
-            _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep)
+        # per layer pair: the ceiling must see the same masked held-out rows as the cross-model number
+        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb))
     step("SAE codes and matches")
     bar.close()
 
+    # universality = (cross − floor) / (ceiling − floor), jointly passage-resampled (baselines)
+    rep.metrics += baselines.resid_rows(la, lb, (tr.xa, tr.xb, ho.xa, ho.xb, maps["procrustes"]), resid_floors, acfg, rng, ho.pid)
+    if sae_a is not None and sae_b is not None:
+        ceils = [rep.ceilings[k] for k in (("a", la, la, lb), ("b", lb, la, lb)) if k in rep.ceilings]
+        tok_codes = floors.codes("token")[0].encode_csr(floors.tok_ho[:, None])
+        rep.metrics += baselines.code_rows(la, lb, real, code_floors, ceils, tok_codes, acfg, rng, ho.pid)
+
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
-                  x_ho: np.ndarray, pid_ho: np.ndarray, rng: np.random.Generator, rep: Report) -> None:  # fmt: skip
+                  x_ho: np.ndarray, pid_ho: np.ndarray, rng: np.random.Generator, rep: Report,
+                  strata: np.ndarray, pair: tuple[int, int]) -> None:  # fmt: skip
     """Ceiling: the same model's SAEs from two seeds, matched exactly like the cross-model pair."""
     if len(cfg.sae.seeds) < 2 or not cfg.sae_dir(key, layer).exists():
         return
@@ -481,7 +521,13 @@ def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, 
     if other is None:
         return
     base = _find_sae(cfg, key, layer, cache.d_model(key))
-    metrics, matches = sae_block(base, other, x_tr, x_tr, pid_tr, x_ho, x_ho, pid_ho, None, cfg.align, rng)
+    keep: dict = {}
+    metrics, matches = sae_block(base, other, x_tr, x_tr, pid_tr, x_ho, x_ho, pid_ho, None, cfg.align, rng,
+                                 strata, keep)  # fmt: skip
+    rep.ceilings[(key, layer, *pair)] = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
+    if (key, layer) in rep.ceilings_done:  # a layer in several pairs: its seed rows are written once
+        return
+    rep.ceilings_done.add((key, layer))
     rep.metrics += _rows(layer, layer, f"sae_seed_{key}", metrics)
     for m in matches.values():
         for row in m.rows(layer, layer):
@@ -624,12 +670,12 @@ def run_align(cfg: RunConfig, layers_a: list[int] | None = None, layers_b: list[
     pairs = _layer_pairs(cfg, cache, layers_a, layers_b)
     rcache = _random_cache(cfg, cache)
     rng = np.random.default_rng(cfg.seed)
-    rep = Report([], [], [], [])
+    rep = Report([], [], [], [], floors=baselines.Floors.from_cache(cache, cfg.seed))
     for la, lb in tqdm(pairs, desc="align layer pairs", disable=not progress):
         _align_pair(cfg, cache, rcache, la, lb, rng, rep, progress)
     add_qvalues(rep.metrics)
     report = cfg.report_dir
-    write_csv(report / "metrics.csv", METRIC_COLUMNS, rep.metrics)
+    write_csv(report / "metrics.csv", METRIC_COLUMNS + baselines.BASELINE_COLUMNS, baselines.annotate(rep.metrics))
     write_csv(report / "alignment.csv", ALIGN_COLUMNS, rep.alignment)
     write_csv(report / "feature_matches.csv", MATCH_COLUMNS, rep.matches)
     if rep.seed_matches:

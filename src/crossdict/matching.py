@@ -12,7 +12,16 @@ picked the best of m candidates):
   * p_value: one-sided permutation p, (1 + #{null >= obs}) / (1 + n_null), against the pair's
     own null from shuffled pairing (passages permuted between the models,
     `stats.shuffled_pairing`), which keeps each feature's sparsity and its within-passage
-    autocorrelation. Per-pair draws are cheap (O(nnz) each), so n_null defaults to 1000: the
+    autocorrelation. With B's token ids at the anchors (`strata`), a second null re-pairs
+    rows only *within* a token stratum (`token_stratified_pairing`: B's row moves to another
+    anchor where B read the same token), which keeps what both models read; p_value is then the
+    larger of the two p's (p_shuffle, p_token; an intersection-union test, valid at the level of
+    each), so a match must beat token identity, not only passage shuffling. One-hot token codes
+    are invariant under that null, so a B made of its token ids gets p = 1 everywhere.
+  * support (held-out): n_tokens and n_passages in which each feature fires; a pair is `tested`
+    only when both features fire in >= min_passages passages and >= min_tokens tokens. Untested
+    pairs are written with p/q = NaN (dead and rare features are counted, not matched), and BH
+    runs over the tested pairs only. Per-pair draws are cheap (O(nnz) each), so n_null defaults to 1000: the
     p floor of 1/1001 lets BH reject when more than ~2% of 16k matches are real. A pooled
     alternative with finer resolution is in `p_values` (documented caveats).
   * q_value: Benjamini–Hochberg (1995) over all matches of one method and layer pair;
@@ -44,12 +53,23 @@ from .stats import bh_qvalues, bootstrap_weights, passage_index, shuffled_pairin
 MATCH_COLUMNS = (
     "layer_a", "layer_b", "feat_a", "feat_b", "method", "act_corr", "dec_cos",
     "freq_a", "freq_b", "p_value", "q_value", "stability",
+    "p_shuffle", "p_token", "n_passages_a", "n_passages_b", "n_tokens_a", "n_tokens_b", "tested",
 )  # fmt: skip
+SUPPORT_COLUMNS = ("p_shuffle", "p_token", "n_passages_a", "n_passages_b", "n_tokens_a", "n_tokens_b", "tested")
+"""Columns added by issue 18 (absent from older feature_matches.csv files; `read_matches` fills defaults)."""
+FREQ_BANDS = ((0.0, 0.001, "lt0.1pct"), (0.001, 0.01, "0.1to1pct"), (0.01, math.inf, "gt1pct"))
+"""Held-out firing-frequency bands for match counts: < 0.1%, 0.1-1%, > 1% of tokens."""
 DENSE_HUNGARIAN_MAX = 4096 * 4096  # above this, linear_sum_assignment's float64 copy alone is > 128 MiB
 
 
 def encode_sparse(sae: Any, X: np.ndarray, block_rows: int = 4096) -> sparse.csr_matrix:
-    """SAE codes of raw activations X `[n, d_in]` as CSR `[n, d_sae]` float32."""
+    """SAE codes of raw activations X `[n, d_in]` as CSR `[n, d_sae]` float32.
+
+    An object with its own `encode_csr(X)` (e.g. `baselines.TokenCodes`, a token-identity
+    "SAE") is asked directly, so floors go through the same matching path without densifying.
+    """
+    if hasattr(sae, "encode_csr"):
+        return sae.encode_csr(X)
     parts = []
     with torch.no_grad():
         for s in range(0, X.shape[0], block_rows):
@@ -196,12 +216,26 @@ def decoder_cosine(dec_a: np.ndarray, dec_b: np.ndarray, ia: np.ndarray, ib: np.
 # statistics per match
 
 
+def token_stratified_pairing(strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Null re-pairing that keeps what both models read: row i of A meets B's row rb[i] `[n]`, a
+    uniformly random row with the same stratum (B's token id at the anchor); rows alone in their
+    stratum keep their partner. A permutation within strata, so the +1 p-value stays exact."""
+    strata = np.asarray(strata)
+    by_stratum = np.argsort(strata, kind="stable")
+    shuffled = np.lexsort((rng.random(len(strata)), strata))  # same strata order, random order within
+    rb = np.empty(len(strata), np.int64)
+    rb[by_stratum] = shuffled
+    return rb
+
+
 def pair_null(
     ca: sparse.csr_matrix, cb: sparse.csr_matrix, ia: np.ndarray, ib: np.ndarray,
     passage_ids: np.ndarray, n_null: int, rng: np.random.Generator, keep_null: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    strata: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:  # fmt: skip
     """Held-out correlation `[K]` of each pair, how many shuffled-pairing draws reach it `[K]`,
-    and (keep_null) all draws `[n_null, K]`."""
+    and (keep_null) all draws `[n_null, K]`; with `strata [n]` (B's token id per held-out row) a
+    fourth item: how many of n_null token-stratified draws (`token_stratified_pairing`) reach it."""
     xa, xb = ca[:, ia].tocsr(), cb[:, ib].tocsr()
     obs = pair_correlation(xa, xb)
     idx = passage_index(passage_ids)
@@ -213,7 +247,13 @@ def pair_null(
         n_ge += draw >= obs
         if keep_null:
             null[t] = draw
-    return obs, n_ge, null
+    if strata is None:
+        return obs, n_ge, null
+    # ties count against us: a B that is a function of the token gives draw == obs exactly
+    n_ge_tok = np.zeros(len(ia), np.int64)
+    for _ in range(n_null):
+        n_ge_tok += pair_correlation(xa, xb[token_stratified_pairing(strata, rng)]) >= obs - 1e-12
+    return obs, n_ge, null, n_ge_tok
 
 
 def _zscores(obs: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,20 +362,83 @@ class Matches:
     p_value: np.ndarray = field(default_factory=lambda: np.zeros(0))
     q_value: np.ndarray = field(default_factory=lambda: np.zeros(0))
     stability: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    p_shuffle: np.ndarray | None = None
+    p_token: np.ndarray | None = None
+    n_passages_a: np.ndarray | None = None
+    n_passages_b: np.ndarray | None = None
+    n_tokens_a: np.ndarray | None = None
+    n_tokens_b: np.ndarray | None = None
+    tested: np.ndarray | None = None
+    min_corr: float = 0.0
+    """Effect-size threshold: a significant match also needs held-out act_corr >= min_corr."""
+
+    def __post_init__(self) -> None:
+        k = len(self.feat_a)
+        nan = lambda: np.full(k, math.nan)  # noqa: E731
+        for name in ("p_shuffle", "p_token", "n_passages_a", "n_passages_b", "n_tokens_a", "n_tokens_b"):
+            if getattr(self, name) is None:
+                setattr(self, name, nan())
+        if self.tested is None:
+            self.tested = np.ones(k, bool)
 
     def __len__(self) -> int:
         return len(self.feat_a)
 
-    def significant(self, q: float = 0.05) -> np.ndarray:
-        return np.nan_to_num(self.q_value, nan=1.0) < q
+    def significant(self, q: float = 0.05, min_corr: float | None = None) -> np.ndarray:
+        """Tested pairs with q < q and held-out act_corr >= min_corr (default: self.min_corr) `[K]` bool."""
+        min_corr = self.min_corr if min_corr is None else min_corr
+        return self.tested & (np.nan_to_num(self.q_value, nan=1.0) < q) & (np.nan_to_num(self.act_corr, nan=-1.0) >= min_corr)
 
     def rows(self, layer_a: int, layer_b: int) -> list[dict]:
-        cols = ("act_corr", "dec_cos", "freq_a", "freq_b", "p_value", "q_value", "stability")
+        cols = ("act_corr", "dec_cos", "freq_a", "freq_b", "p_value", "q_value", "stability", "p_shuffle", "p_token")
+        ints = ("n_passages_a", "n_passages_b", "n_tokens_a", "n_tokens_b")
         return [
             {"layer_a": layer_a, "layer_b": layer_b, "feat_a": int(self.feat_a[i]), "feat_b": int(self.feat_b[i]),
-             "method": self.method, **{c: float(getattr(self, c)[i]) for c in cols}}
+             "method": self.method, **{c: float(getattr(self, c)[i]) for c in cols},
+             **{c: (int(v) if math.isfinite(v := float(getattr(self, c)[i])) else "") for c in ints},
+             "tested": int(bool(self.tested[i]))}
             for i in range(len(self))
         ]  # fmt: skip
+
+
+def support(C: sparse.csr_matrix, passage_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature of codes C `[n, m]`: tokens it fires on `[m]` and distinct passages it fires in `[m]`."""
+    fires = (C > 0).tocsr().astype(np.float32)
+    n_tokens = np.asarray(fires.sum(0)).ravel().astype(np.int64)
+    inv = passage_index(passage_ids).inverse
+    G = sparse.csr_matrix((np.ones(len(inv), np.float32), (inv, np.arange(len(inv)))), shape=(int(inv.max(initial=-1)) + 1, len(inv)))
+    n_passages = (G @ fires).getnnz(axis=0).astype(np.int64)
+    return n_tokens, n_passages
+
+
+def band_of(freq: np.ndarray) -> np.ndarray:
+    """Firing-frequency band name `[K]` (see FREQ_BANDS)."""
+    out = np.empty(len(freq), object)
+    for lo, hi, name in FREQ_BANDS:
+        out[(freq >= lo) & (freq < hi)] = name
+    return out
+
+
+def support_counts(
+    m: Matches, n_tokens_a: np.ndarray, n_passages_a: np.ndarray, n_heldout: int, q: float,
+    min_passages: int, min_tokens: int,
+) -> dict[str, float]:  # fmt: skip
+    """Counts for one method: A's features that are dead / rare (below the support rule) / tested
+    on held-out, and significant matches in total and per firing-frequency band of A's feature."""
+    dead = n_tokens_a == 0
+    rare = ~dead & ((n_passages_a < min_passages) | (n_tokens_a < min_tokens))
+    sig = m.significant(q)
+    out = {
+        "n_features_a": float(len(n_tokens_a)), "n_dead_a": float(dead.sum()), "n_rare_a": float(rare.sum()),
+        "n_supported_a": float((~dead & ~rare).sum()), "n_tested": float(m.tested.sum()),
+        "n_significant": float(sig.sum()),
+        "significant_share": float(sig.sum() / max(m.tested.sum(), 1)),
+    }  # fmt: skip
+    bands = band_of(np.asarray(n_tokens_a, np.float64)[m.feat_a] / max(n_heldout, 1))
+    for _, _, name in FREQ_BANDS:
+        out[f"n_significant_{name}"] = float((sig & (bands == name)).sum())
+        out[f"n_tested_{name}"] = float((m.tested & (bands == name)).sum())
+    return out
 
 
 def _freq(C: sparse.csr_matrix) -> np.ndarray:
@@ -348,12 +451,17 @@ def match_features(
     dec_a: np.ndarray | None = None, dec_b: np.ndarray | None = None,
     methods: tuple[str, ...] = ("hungarian", "mnn", "mnn_dec"),
     n_null: int = 1000, n_boot: int = 20, pvalue: str = "empirical",
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | None = None, strata: np.ndarray | None = None,
+    min_passages: int = 0, min_tokens: int = 0, min_corr: float = 0.0,
 ) -> dict[str, Matches]:  # fmt: skip
     """Match SAE features of A `[·, m_a]` to B `[·, m_b]`: choose on train codes, test on held-out.
 
     dec_a `[m_a, d_b]`: A's decoder rows already mapped into B's space (rows @ Procrustes R);
     dec_b `[m_b, d_b]`. Without decoders, `mnn_dec` is skipped and dec_cos is NaN.
+    strata `[n_test]`: B's token id at each held-out anchor; adds the token-stratified null
+    (p_value = max(p_shuffle, p_token)). A pair is tested only when both features fire in
+    >= min_passages held-out passages and on >= min_tokens held-out tokens; `min_corr` is the
+    effect-size threshold `Matches.significant` applies next to q.
     """
     rng = np.random.default_rng(0) if rng is None else rng
     m_a, m_b = train_a.shape[1], train_b.shape[1]
@@ -371,35 +479,62 @@ def match_features(
     stab = stability(train_a, train_b, pid_train, act_matchers, {k: found[k] for k in act_matchers}, n_boot, rng, buffer=S)
     del S
     freq_a, freq_b = _freq(test_a), _freq(test_b)
-    # one null for the union of all methods' pairs (Hungarian and MNN share most of theirs)
+    (tok_a, pas_a), (tok_b, pas_b) = support(test_a, pid_test), support(test_b, pid_test)
+    ok_a = (pas_a >= min_passages) & (tok_a >= max(min_tokens, 1))
+    ok_b = (pas_b >= min_passages) & (tok_b >= max(min_tokens, 1))
+    # one null for the union of all methods' *tested* pairs (Hungarian and MNN share most of theirs)
     keys = {name: np.asarray(ia, np.int64) * m_b + np.asarray(ib, np.int64) for name, (ia, ib) in found.items()}
     union = np.unique(np.concatenate(list(keys.values()))) if keys else np.zeros(0, np.int64)
+    union = union[ok_a[union // m_b] & ok_b[union % m_b]]
     ua, ub = union // m_b, union % m_b
+    p_tok = np.full(len(union), math.nan)
     if pvalue == "empirical":
-        obs, n_ge, _ = pair_null(test_a, test_b, ua, ub, pid_test, n_null, rng)
-        p_all = (1 + n_ge) / (1 + n_null) if n_null else np.full(len(union), np.nan)
+        res = pair_null(test_a, test_b, ua, ub, pid_test, n_null, rng, strata=strata)
+        obs, n_ge = res[0], res[1]
+        p_shuf = (1 + n_ge) / (1 + n_null) if n_null else np.full(len(union), np.nan)
     else:
-        obs, _, null = pair_null(test_a, test_b, ua, ub, pid_test, n_null, rng, keep_null=True)
-        p_all = p_values(obs, null, pvalue, frequency_strata(freq_a[ua], freq_b[ub]))
+        res = pair_null(test_a, test_b, ua, ub, pid_test, n_null, rng, keep_null=True, strata=strata)
+        obs, null = res[0], res[2]
+        p_shuf = p_values(obs, null, pvalue, frequency_strata(freq_a[ua], freq_b[ub]))
+    if strata is not None and n_null:
+        p_tok = (1 + res[3]) / (1 + n_null)
+    p_all = p_shuf if strata is None else np.fmax(p_shuf, p_tok)
     out = {}
     for name, key in keys.items():
+        ia, ib = key // m_b, key % m_b
         pos = np.searchsorted(union, key)
-        ia, ib = ua[pos], ub[pos]
-        p = p_all[pos]
+        tested = np.zeros(len(key), bool)
+        if len(union):
+            tested = union[np.minimum(pos, len(union) - 1)] == key
+
+        def pick(v: np.ndarray) -> np.ndarray:
+            got = np.full(len(key), math.nan)
+            got[tested] = v[pos[tested]]
+            return got
+
+        p = pick(p_all)
+        corr = pick(obs)
+        if (~tested).any():  # untested pairs still show their held-out correlation (no test)
+            corr[~tested] = pair_correlation(test_a[:, ia[~tested]].tocsr(), test_b[:, ib[~tested]].tocsr())
         out[name] = Matches(
-            method=name, feat_a=ia, feat_b=ib, act_corr=obs[pos],
+            method=name, feat_a=ia, feat_b=ib, act_corr=corr,
             dec_cos=decoder_cosine(dec_a, dec_b, ia, ib) if have_dec else np.full(len(ia), math.nan),
             freq_a=freq_a[ia], freq_b=freq_b[ib], p_value=p, q_value=bh_qvalues(p),
             stability=stab.get(name, np.full(len(ia), math.nan)),
+            p_shuffle=pick(p_shuf), p_token=pick(p_tok), n_passages_a=pas_a[ia].astype(float), n_passages_b=pas_b[ib].astype(float),
+            n_tokens_a=tok_a[ia].astype(float), n_tokens_b=tok_b[ib].astype(float), tested=tested, min_corr=min_corr,
         )  # fmt: skip
     return out
 
 
-def read_matches(path: str | Path, method: str = "hungarian") -> list[dict[str, Any]]:
+def read_matches(path: str | Path, method: str = "hungarian", tested_only: bool = True) -> list[dict[str, Any]]:
     """Rows of `feature_matches.csv` for one matching method, numbers parsed; rows without a q-value skipped.
 
     Each row: layer_a, layer_b, feat_a, feat_b (int), act_corr, dec_cos, freq_a, freq_b, p_value,
-    q_value, stability (float). Later stages read matches only through this function.
+    q_value, stability, p_shuffle, p_token, n_passages_a/b, n_tokens_a/b (float), tested (bool).
+    Files written before the support columns existed read with NaN for them and tested = True.
+    With `tested_only`, pairs that fail the support rule (`tested` 0) are left out. Later stages
+    read matches only through this function.
     """
     out = []
     with open(path, newline="") as f:
@@ -408,8 +543,14 @@ def read_matches(path: str | Path, method: str = "hungarian") -> list[dict[str, 
                 continue
             try:
                 row = {c: int(r[c]) for c in ("layer_a", "layer_b", "feat_a", "feat_b")}
-                row.update({c: float(r[c]) for c in MATCH_COLUMNS if c not in row and c != "method"})
+                row.update({c: float(r[c]) for c in MATCH_COLUMNS if c not in row and c not in SUPPORT_COLUMNS and c != "method"})
             except (KeyError, ValueError):
+                continue
+            for c in SUPPORT_COLUMNS[:-1]:
+                v = r.get(c)
+                row[c] = float(v) if v not in (None, "") else math.nan
+            row["tested"] = r.get("tested") in (None, "", "1", "True", "true")
+            if tested_only and not row["tested"]:
                 continue
             if math.isfinite(row["q_value"]) and math.isfinite(row["act_corr"]):
                 out.append(row)

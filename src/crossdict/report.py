@@ -104,6 +104,51 @@ def _summary(cfg: RunConfig, manifest: dict, metrics: list[dict], align: list[di
             'shuffled between the models. Floor: A against a randomly initialised B of the same architecture.</p></section>')
 
 
+_UNIV_LABELS = {"linear_cka": "linear CKA", "svcca": "SVCCA", "procrustes_r2": "Procrustes R²",
+                "retrieval_top1": "retrieval top-1", "topk_overlap": "top-k overlap (SAE)",
+                "significant_share": "significant matches (share of tested A features)"}  # fmt: skip
+
+
+def floor_value_ceiling(r: dict) -> str:
+    """One headline cell: strongest input-sharing floor ▸ value ▸ ceiling, universality [CI] below."""
+    floor = max((_num(r.get(f"floor_{k}")) for k in ("token", "context", "random")), default=math.nan,
+                key=lambda v: v if math.isfinite(v) else -math.inf)  # fmt: skip
+    u = (f"<br><span class=null>universality {_f(r.get('universality'), 2)} "
+         f"[{_f(r.get('universality_ci_low'), 2)}, {_f(r.get('universality_ci_high'), 2)}]</span>")
+    return (f"<span class=null>{_f(floor)} ({html.escape(str(r.get('floor_used', '')) or '–')})</span> ▸ "
+            f"<b>{_f(r.get('value'))}</b> ▸ <span class=null>{_f(r.get('ceiling'))} ({html.escape(str(r.get('ceiling_kind', '')) or '–')})</span>{u}")
+
+
+def _universality_section(cfg: RunConfig, metrics: list[dict]) -> str:
+    """Floors, values and ceilings per layer pair (space `universality` in metrics.csv, see `baselines`)."""
+    rows = [r for r in metrics if r.get("space") == "universality"]
+    if not rows:
+        return ""
+    get = {(r["layer_a"], r["layer_b"], r["metric"]): r for r in rows}
+    sentences, table = [], []
+    for la, lb in cfg.layer_pairs:
+        la, lb = str(la), str(lb)
+        cells = [get.get((la, lb, m)) for m in _UNIV_LABELS]
+        if not any(cells):
+            continue
+        head = get.get((la, lb, "topk_overlap")) or get.get((la, lb, "linear_cka"))
+        if head is not None and math.isfinite(_num(head.get("universality"))):
+            which = "top-k overlap of SAE features" if head["metric"] == "topk_overlap" else "linear CKA"
+            sentences.append(
+                f"<li><b>A{la} ↔ B{lb}</b>: universality {_f(head['universality'], 2)} "
+                f"[{_f(head['universality_ci_low'], 2)}, {_f(head['universality_ci_high'], 2)}] by {which}, i.e. the "
+                f"cross-model value sits that far from its {html.escape(head.get('floor_used', ''))} floor towards its "
+                f"{html.escape(head.get('ceiling_kind', ''))} ceiling (paired test vs floor p = {_f(head.get('p_diff_floor'), 3)}).</li>")
+        table.append([f"A{la} ↔ B{lb}"] + [floor_value_ceiling(c) if c else "–" for c in cells])
+    return ('<section id="universality"><h2>Floors and ceilings</h2><ul>' + "".join(sentences) + "</ul>"
+            + _table(["layers"] + list(_UNIV_LABELS.values()), table, "num")
+            + "<p class=note>Each cell: floor ▸ value ▸ ceiling. Floor: the strongest of B replaced by its token id "
+            "(token), by token + previous token (context), and a randomly initialised B (random), each through the "
+            "same code path. Ceiling: 1 for an identical representation (identity), or A's and B's SAE seed 0 vs "
+            "seed 1 (seed). Universality = (value − floor) / (ceiling − floor); brackets: 95% CI from the same "
+            "half-samples of held-out passages for value, floor and ceiling.</p></section>")
+
+
 def _heat_table(rows: list[dict], field: str, pairs: set[tuple[int, int]], title: str) -> str:
     la_vals = sorted({int(r["layer_a"]) for r in rows})
     lb_vals = sorted({int(r["layer_b"]) for r in rows})
@@ -438,6 +483,7 @@ def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
         b["promoted"] = promoted.get(f"{b['layer_a']}:{b['feat_a']}:{b['feat_b']}", {})
     body = (
         _summary(cfg, manifest, metrics, align, matches, stitching)
+        + _universality_section(cfg, metrics)
         + _layer_section(cfg, _csv(rd / "layer_cka.csv"), manifest)
         + _metric_plots(cfg, metrics)
         + _sae_section(cfg, _csv(rd / "sae_metrics.csv"))
@@ -501,7 +547,7 @@ table.num td{font-variant-numeric:tabular-nums} img{max-width:100%}
 ul.prom{font:12px ui-monospace,monospace;columns:2;margin:4px 0}
 </style></head><body>
 <h1>{{title}}</h1><div class=note>run <code>{{run}}</code> · crossdict {{version}} · self-contained report (no network)</div>
-<nav><a href="#summary">summary</a><a href="#layers">layers</a><a href="#metrics">metrics</a><a href="#saes">SAEs</a>
+<nav><a href="#summary">summary</a><a href="#universality">floors/ceilings</a><a href="#layers">layers</a><a href="#metrics">metrics</a><a href="#saes">SAEs</a>
 <a href="#matches">matches</a><a href="#transfer">transfer</a><a href="#browser">feature browser</a><a href="#howto">how to read</a></nav>
 {{body}}
 <script id="browser-data" type="application/json">{{data}}</script>
