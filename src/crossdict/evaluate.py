@@ -658,8 +658,8 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
-    for r in rows:
-        w.writerow({c: r[c] for c in columns})
+    for r in rows:  # a column a row does not carry (e.g. universality rows: no masked counts) stays empty
+        w.writerow({c: r.get(c, "") for c in columns})
     atomic_write_text(path, buf.getvalue())
 
 
