@@ -76,7 +76,7 @@ def dictionary_stability(w_a: np.ndarray, w_b: np.ndarray, live_a: np.ndarray | 
         "median_cos": float(np.median(cos)) if len(cos) else float("nan"),
         "n_live_a": int(live_a.sum()), "n_live_b": int(live_b.sum()), "threshold": threshold,
         "quantiles": {f"q{round(q * 100)}": float(np.quantile(cos, q)) if len(cos) else float("nan") for q in QUANTILES},
-        "hist": {"edges": HIST_BINS.round(3).tolist(), "counts": np.histogram(cos, HIST_BINS)[0].tolist()},
+        "hist": {"edges": HIST_BINS.round(3).tolist(), "counts": np.histogram(np.clip(cos, -1.0, 1.0), HIST_BINS)[0].tolist()},
         "pairs": [np.flatnonzero(live_a)[ia].tolist(), np.flatnonzero(live_b)[ib].tolist()],
     }
     return out
