@@ -159,3 +159,16 @@ def test_run_train_with_two_seeds_writes_seed_stability(tmp_path):
     # A rerun reuses both SAEs and recomputes the same stability.
     again = run_train(cfg, progress=False)
     assert [r["seed_shared_dec"] for r in again] == [r["seed_shared_dec"] for r in rows]
+
+
+def test_report_flags_layer_pairs_whose_saes_are_not_seed_stable():
+    from crossdict.report import _stability_note
+
+    cfg = RunConfig(ModelConfig("m-a", [1, 2, 3]), ModelConfig("m-b", [4, 5, 6]), run_name="r")
+    rows = [{"model": "m-a", "layer": "1", "seed_shared_dec": "0.55"}, {"model": "m-b", "layer": "4", "seed_shared_dec": "0.41"},
+            {"model": "m-a", "layer": "2", "seed_shared_dec": "0.6"}, {"model": "m-b", "layer": "5", "seed_shared_dec": "0.12"},
+            {"model": "m-a", "layer": "3", "seed_shared_dec": ""}, {"model": "m-b", "layer": "6", "seed_shared_dec": ""}]
+    items = _stability_note(cfg, rows).split("<li")[1:]
+    assert "stable (shared" in items[0] and "not" not in items[0]
+    assert "not seed-stable" in items[1] and "not interpretable" in items[1] and "representation-level" in items[1]
+    assert "not measured" in items[2]
