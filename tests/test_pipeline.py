@@ -187,25 +187,25 @@ def test_interrupted_training_resumes_from_its_checkpoint(tiny_models, tmp_path,
     from crossdict import train
 
     cfg = tiny_run_config(tiny_models, tmp_path)
-    real = train.train_sae
+    real = train.train_saes
     calls = []
 
-    def killed_after_15_steps(acts, rows, sae_cfg, seed, out_dir, resume, *a, **k):
-        calls.append((out_dir, (out_dir / train.CKPT_FILE).is_file()))
-        real(acts, rows, sae_cfg, seed, out_dir, resume, *a, **{**k, "max_steps": 15})
+    def killed_after_15_steps(acts, rows, sae_cfg, seeds, out_dirs, resume, *a, **k):
+        calls.append((out_dirs[0], (out_dirs[0] / train.CKPT_FILE).is_file()))
+        real(acts, rows, sae_cfg, seeds, out_dirs, resume, *a, **{**k, "max_steps": 15})
         raise KeyboardInterrupt  # Ctrl-C right after the step-15 checkpoint
 
-    monkeypatch.setattr(train, "train_sae", killed_after_15_steps)
+    monkeypatch.setattr(train, "train_saes", killed_after_15_steps)
     with pytest.raises(KeyboardInterrupt):
         run_all(cfg, progress=False)
     first = calls[0][0]
     assert (first / train.CKPT_FILE).is_file() and not (cfg.run_dir / "stages" / "train.json").exists()
 
-    def watched(acts, rows, sae_cfg, seed, out_dir, resume, *a, **k):
-        calls.append((out_dir, (out_dir / train.CKPT_FILE).is_file()))
-        return real(acts, rows, sae_cfg, seed, out_dir, resume, *a, **k)
+    def watched(acts, rows, sae_cfg, seeds, out_dirs, resume, *a, **k):
+        calls.append((out_dirs[0], (out_dirs[0] / train.CKPT_FILE).is_file()))
+        return real(acts, rows, sae_cfg, seeds, out_dirs, resume, *a, **k)
 
-    monkeypatch.setattr(train, "train_sae", watched)
+    monkeypatch.setattr(train, "train_saes", watched)
     capsys.readouterr()
     status = run_all(cfg, progress=False)
     assert status["extract"] == "skipped" and status["train"] == "ran"

@@ -95,6 +95,8 @@ class SAEConfig:
     max_norm_ratio: float = 10.0
     """Tokens with residual norm above this multiple of the median (massive activations, attention sinks)
     are left out of SAE training and evaluation; 0 keeps every token."""
+    decoder_init: Literal["random", "data"] = "random"
+    """Decoder rows start as random unit vectors, or as sampled (centred, scaled) training activations."""
 
 
 @dataclass

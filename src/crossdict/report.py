@@ -252,13 +252,42 @@ def _sae_section(cfg: RunConfig, sae_rows: list[dict]) -> str:
     ax1.set(xlabel="training tokens", ylabel="FVU (train batch)", yscale="log", title="reconstruction")
     ax2.set(xlabel="training tokens", ylabel="dead latent fraction", title="dead latents")
     ax1.legend(fontsize=7)
-    cols = ["model", "layer", "seed", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "loss_clean", "loss_sae", "frac_recovered_zero",
-            "frac_recovered_mean", "wall_s"]
+    cols = ["model", "layer", "seed", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "seed_shared_dec", "seed_median_cos_dec",
+            "seed_shared_enc", "loss_clean", "loss_sae", "frac_recovered_zero", "frac_recovered_mean", "wall_s"]
     rows = [[html.escape(r.get(c, "")) if c in ("model",) else (_f(r.get(c)) if c not in ("layer", "seed", "d_sae") else r.get(c, ""))
              for c in cols] for r in sae_rows]
     return ('<section id="saes"><h2>Sparse autoencoders</h2>' + _png(fig) + _table(cols, rows, "num")
             + '<p class=note>FVU, L0 and dead fraction on held-out tokens; LM loss with the SAE spliced in, and the fraction of '
-              'the loss gap to zero- and mean-ablation it recovers.</p></section>')
+              'the loss gap to zero- and mean-ablation it recovers. Seed stability: the SAE against the same model and '
+              'layer\'s SAE of another seed (column seed_ref of sae_metrics.csv), live latents matched one-to-one '
+              '(Hungarian) on decoder (dec) or encoder (enc) cosine; shared = share with cosine &gt; 0.7 (Paulo &amp; '
+              'Belrose 2025). It is the ceiling cross-model feature matching is read against.</p>'
+            + _stability_note(cfg, sae_rows) + '</section>')
+
+
+def _stability_note(cfg: RunConfig, sae_rows: list[dict]) -> str:
+    """One line per layer pair: are both models' SAEs seed-stable enough for feature-level results to mean anything?"""
+    from .stability import STABLE_SHARE
+
+    def shared(key: str, layer: int) -> float:
+        name = cfg.model(key).name
+        vals = [_num(r.get("seed_shared_dec")) for r in sae_rows if r.get("model") == name and str(r.get("layer")) == str(layer)]
+        vals = [v for v in vals if not math.isnan(v)]
+        return min(vals) if vals else float("nan")
+
+    items = []
+    for la, lb in cfg.layer_pairs:
+        sa, sb = shared("a", la), shared("b", lb)
+        tag = f"A{la} ↔ B{lb} (seed-shared A {_f(sa, 2)}, B {_f(sb, 2)})"
+        if math.isnan(sa) or math.isnan(sb):
+            items.append(f"<li>{tag}: seed stability not measured (one SAE seed): feature-level results have no ceiling.</li>")
+        elif min(sa, sb) < STABLE_SHARE:
+            items.append(f"<li class=warn><b>{tag}: SAEs not seed-stable</b> (shared &lt; {STABLE_SHARE:.0%}): the "
+                         "feature-level results of this pair (matches, transfer) are not interpretable; the "
+                         "representation-level metrics (CKA, Procrustes, ...) do not use the SAEs and still are.</li>")
+        else:
+            items.append(f"<li>{tag}: stable (shared ≥ {STABLE_SHARE:.0%}).</li>")
+    return "<p><b>Seed stability per layer pair</b></p><ul>" + "".join(items) + "</ul>"
 
 
 def _match_section(cfg: RunConfig, matches: list[dict], seed_matches: list[dict]) -> str:

@@ -256,6 +256,22 @@ class SAE(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    @torch.no_grad()
+    def init_decoder_from(self, x: Tensor) -> None:
+        """Decoder rows = unit-normed data points `x` `[d_sae, d_in]` (scaled space, centred), encoder tied.
+
+        "Sampled activations" init: every latent starts on the data, so none starts dead in an empty region
+        and two seeds start from directions the data actually visits. Rows of `x` with zero norm keep their
+        random init. The encoder is the decoder transpose as in `reset_parameters` (x 0.1 for L1).
+        """
+        if tuple(x.shape) != (self.d_sae, self.d_in):
+            raise ValueError(f"init_decoder_from needs [d_sae, d_in] = [{self.d_sae}, {self.d_in}], got {list(x.shape)}")
+        x = x.to(self.W_dec)
+        norm = x.norm(dim=1, keepdim=True)
+        ok = (norm > 0).squeeze(1)
+        self.W_dec[ok] = x[ok] / norm[ok]
+        self.W_enc.copy_(self.W_dec * (0.1 if self.spec.architecture == "l1" else 1.0))
+
     # -- encoding ---------------------------------------------------------------------------------
 
     def _sae_in(self, x: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ from .cache import ActivationCache, hook_name, massive_threshold
 from .config import RunConfig, SAEConfig
 from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
 from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
+from .stability import live_latents, seed_stability, summary_columns
 from .utils import atomic_path, atomic_write_json, atomic_write_text, read_json, resolve_device
 
 CKPT_FILE = "checkpoint.safetensors"
@@ -98,6 +99,7 @@ def validate_sae_config(cfg: SAEConfig, d_in: int, n_rows: int | None = None) ->
         (cfg.batch_size >= 1, f"sae.batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.train_tokens >= cfg.batch_size, f"sae.train_tokens={cfg.train_tokens} is less than one batch (sae.batch_size={cfg.batch_size})"),
         (cfg.checkpoint_every >= 1, f"sae.checkpoint_every must be >= 1, got {cfg.checkpoint_every}"),
+        (cfg.decoder_init in ("random", "data"), f"sae.decoder_init {cfg.decoder_init!r} is not one of ['random', 'data']"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -288,104 +290,178 @@ def train_sae(
     With `dist` in a process group, every rank calls this with the same arguments: each trains on
     its slice of every batch (DDP), rank 0 writes the files, and all return the same SAE.
     """
-    out_dir = Path(out_dir)
-    rows = np.asarray(rows, dtype=np.int64)
-    d_in = int(acts.shape[1])
-    validate_sae_config(sae_cfg, d_in, len(rows))
-    n_steps = sae_cfg.train_tokens // sae_cfg.batch_size
-    B = sae_cfg.batch_size
-    lo, hi = _batch_slice(B, dist)
-    ckpt_path = out_dir / CKPT_FILE
-    expect = {"format": CKPT_FORMAT, "sae_config": _config_dict(sae_cfg), "seed": seed, "d_in": d_in,
-              "n_rows": len(rows), "rows_digest": _rows_digest(rows)}
+    return train_saes(acts, rows, sae_cfg, [seed], [out_dir], resume, progress, [metadata], max_steps, dist)[0]
 
+
+class _Run:
+    """One SAE of a `train_saes` group: model, optimiser, dead-latent counters, log, checkpoint identity."""
+
+    def __init__(self, sae: SAE, model: torch.nn.Module, opt: torch.optim.Optimizer, since_fired: torch.Tensor,
+                 start: int, log: list[dict], expect: dict, out_dir: Path):
+        self.sae, self.model, self.opt, self.since_fired = sae, model, opt, since_fired
+        self.start, self.log, self.expect, self.out_dir = start, log, expect, out_dir
+
+
+def _data_init_rows(rows: np.ndarray, n: int, seed: int, metadata: dict | None) -> np.ndarray:
+    """`n` distinct training rows for a data-initialised decoder, drawn with (seed, model, hook).
+
+    Keyed by the model and hook too, so the SAEs of the two models never start from the rows of paired
+    tokens (that would plant a cross-model correspondence at init), and two seeds start from different rows.
+    """
+    salt = int(hashlib.sha256(json.dumps([(metadata or {}).get("model_name"), (metadata or {}).get("hook_name")])
+                              .encode()).hexdigest()[:8], 16)
+    rng = np.random.default_rng([seed, salt, 2**31 + 1])
+    return np.sort(rng.choice(rows, size=n, replace=len(rows) < n))
+
+
+def _start_run(acts: Rows, rows: np.ndarray, sae_cfg: SAEConfig, seed: int, data_seed: int, out_dir: Path,
+               resume: bool | str, metadata: dict | None, dist: Dist, n_steps: int) -> _Run:
+    d_in = int(acts.shape[1])
+    expect = {"format": CKPT_FORMAT, "sae_config": _config_dict(sae_cfg), "seed": seed, "data_seed": data_seed,
+              "d_in": d_in, "n_rows": len(rows), "rows_digest": _rows_digest(rows)}
     torch.manual_seed(seed)
     scale, mean = input_scale_and_mean(acts, rows, seed)
     expect["input_scale"] = scale  # changes if the cached activations were re-extracted
-    sae = make_sae(d_in, sae_cfg, scale, {**(metadata or {}), "seed": seed, "train_tokens": n_steps * B})
+    meta = {**(metadata or {}), "seed": seed, "train_tokens": n_steps * sae_cfg.batch_size}
+    if data_seed != seed:
+        meta["data_seed"] = data_seed
+    sae = make_sae(d_in, sae_cfg, scale, meta)
     gen = torch.Generator().manual_seed(seed)
     sae.reset_parameters(gen)
+    if sae_cfg.decoder_init == "data":
+        x = acts.take(_data_init_rows(rows, sae.d_sae, seed, metadata)).astype(np.float64) * scale - mean
+        sae.init_decoder_from(torch.from_numpy(x).float())
     with torch.no_grad():  # b_dec at the data mean (Gao et al. 2024 §A.1 use the geometric median)
         sae.b_dec.copy_(torch.from_numpy(mean))
     device = dist.device
     sae.to(device)  # initialised on the CPU generator first, so every device starts from the same weights
     opt = torch.optim.Adam(sae.parameters(), lr=sae_cfg.lr)  # fp32 master weights and moments, on any device
     since_fired = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    start, log, restored = resume_state(ckpt_path, expect, resume, sae, opt, out_dir / LOG_FILE, "train", "this SAE",
-                                        quiet=not dist.is_main)
+    start, log, restored = resume_state(out_dir / CKPT_FILE, expect, resume, sae, opt, out_dir / LOG_FILE, "train",
+                                        "this SAE", quiet=not dist.is_main)
     since_fired = since_fired if restored is None else restored
-
-    reduce = BatchReduce() if dist.enabled else None
     # DDP averages gradients over ranks; each rank's loss is its share of the global loss, so scale by
     # the world size to get the sum. broadcast_buffers off: the BatchTopK threshold stays in sync by
     # construction (every rank applies the same global update).
-    model = sae if reduce is None else _ddp(sae, device)
-    grad_scale = 1 if reduce is None else dist.world_size
-    stream = BatchStream(rows, B, seed)
-    stop = n_steps if max_steps is None else min(n_steps, max_steps)
-    pbar = tqdm(total=n_steps, initial=start, disable=not (progress and dist.is_main),
-                desc=f"SAE {sae_cfg.architecture} {out_dir.name}", dynamic_ncols=True)
-    take = lambda step: acts.take(stream(step)[lo:hi])  # noqa: E731  (this rank's slice of batch `step`)
+    model = sae if not dist.enabled else _ddp(sae, device)
     sae.train()
+    return _Run(sae, model, opt, since_fired, start, log, expect, out_dir)
+
+
+def _train_step(r: _Run, x: torch.Tensor, step: int, n_steps: int, sae_cfg: SAEConfig, reduce: BatchReduce | None,
+                grad_scale: int) -> dict | None:
+    """One optimiser step of one SAE on batch `x`; the log record on logging steps."""
+    sae, B = r.sae, sae_cfg.batch_size
+    lr = lr_at(step, n_steps, sae_cfg)
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+    l1_scale = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps > 0 else 1.0
+    dead = r.since_fired >= sae_cfg.dead_tokens_threshold
+    out = r.model(x, dead_mask=dead, l1_scale=l1_scale, **({} if reduce is None else {"reduce": reduce}))
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(f"training step {step}: loss became {out.loss.item()} (lr {lr:g}); "
+                                 "lower sae.lr or check the activations")
+    (out.loss if grad_scale == 1 else out.loss * grad_scale).backward()  # DDP all-reduces here
+    sae.remove_gradient_parallel_to_decoder_directions()
+    fvu_per_mse = float(out.fvu.detach()) / max(float(out.mse.detach()), 1e-30)  # = tokens / total variance
+    if sae_cfg.grad_clip_norm > 0 and fvu_per_mse > 0:  # d(fvu) / fvu_per_mse = d(per-token squared error), as SAELens clips
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm * fvu_per_mse)
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    sae.set_decoder_norm_to_unit_norm()
+    with torch.no_grad():
+        r.since_fired += B
+        fired = out.latent_indices[out.latent_acts > 0] if out.latent_indices is not None else (out.latent_acts > 0).any(0).nonzero().squeeze(1)
+        if reduce is not None:  # a latent is alive if it fired on any rank's slice
+            hit = torch.zeros(sae.d_sae, dtype=torch.int64, device=r.since_fired.device)
+            hit[fired] = 1
+            fired = reduce.sum(hit).nonzero().squeeze(1)
+        r.since_fired[fired] = 0
+    if not (step % LOG_EVERY == 0 or step == n_steps - 1):
+        return None
+    terms = {"fvu": out.fvu, "l0": out.l0, "loss": out.loss, "auxk_loss": out.auxk_loss, "l1_loss": out.l1_loss}
+    if reduce is not None:  # per-rank shares -> whole-batch values
+        terms = {k: reduce.sum(v) for k, v in terms.items()}
+    rec = {"step": step, "tokens": (step + 1) * B, "fvu": round(terms["fvu"].item(), 6), "l0": round(terms["l0"].item(), 3),
+           "dead_frac": round(dead.float().mean().item(), 6), "lr": lr, "loss": round(terms["loss"].item(), 6),
+           "auxk_loss": round(terms["auxk_loss"].item(), 6), "l1_loss": round(terms["l1_loss"].item(), 6)}
+    r.log.append(rec)
+    return rec
+
+
+def train_saes(
+    acts: Rows,
+    rows: np.ndarray,
+    sae_cfg: SAEConfig,
+    seeds: list[int],
+    out_dirs: list[Path],
+    resume: bool | str,
+    progress: bool = True,
+    metadata: list[dict | None] | None = None,
+    max_steps: int | None = None,
+    dist: Dist = SINGLE,
+    data_seed: int | None = None,
+) -> list[SAE]:
+    """Train one SAE per seed on the same pass over `acts[rows]`: each batch is read once and fed to all.
+
+    Seeds differ in their initialisation; the batch order is that of `data_seed` (default: the first seed),
+    so an SAE is a pure function of (its seed, data_seed), whatever else shares the pass, and a second
+    seed costs its own compute, not a second read (issue 14 item 5). Each SAE keeps its own checkpoint;
+    SAEs whose checkpoints stand at different steps resume together, each joining at its own step.
+    """
+    if len(seeds) != len(out_dirs) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"train_saes needs one out_dir per distinct seed, got seeds {seeds} and {len(out_dirs)} dirs")
+    rows = np.asarray(rows, dtype=np.int64)
+    validate_sae_config(sae_cfg, int(acts.shape[1]), len(rows))
+    data_seed = seeds[0] if data_seed is None else data_seed
+    n_steps = sae_cfg.train_tokens // sae_cfg.batch_size
+    B = sae_cfg.batch_size
+    lo, hi = _batch_slice(B, dist)
+    metadata = metadata or [None] * len(seeds)
+    runs = [_start_run(acts, rows, sae_cfg, s, data_seed, Path(d), resume, m, dist, n_steps)
+            for s, d, m in zip(seeds, out_dirs, metadata)]
+    reduce = BatchReduce() if dist.enabled else None
+    grad_scale = 1 if reduce is None else dist.world_size
+    stream = BatchStream(rows, B, data_seed)
+    stop = n_steps if max_steps is None else min(n_steps, max_steps)
+    first = min(r.start for r in runs)
+    names = ", ".join(r.out_dir.name for r in runs)
+    pbar = tqdm(total=n_steps, initial=first, disable=not (progress and dist.is_main),
+                desc=f"SAE {sae_cfg.architecture} {names}", dynamic_ncols=True)
+    take = lambda step: acts.take(stream(step)[lo:hi])  # noqa: E731  (this rank's slice of batch `step`)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(take, start) if start < stop else None
-        for step in range(start, stop):
+        nxt = pool.submit(take, first) if first < stop else None
+        for step in range(first, stop):
             x_np = nxt.result()
             nxt = pool.submit(take, step + 1) if step + 1 < stop else None
             _check_finite(x_np, f"training step {step}")
-            x = torch.from_numpy(x_np).to(device, non_blocking=True)
-            lr = lr_at(step, n_steps, sae_cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            l1_scale = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps > 0 else 1.0
-            dead = since_fired >= sae_cfg.dead_tokens_threshold
-            out = model(x, dead_mask=dead, l1_scale=l1_scale, **({} if reduce is None else {"reduce": reduce}))
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"training step {step}: loss became {out.loss.item()} (lr {lr:g}); "
-                                         "lower sae.lr or check the activations")
-            (out.loss if grad_scale == 1 else out.loss * grad_scale).backward()  # DDP all-reduces here
-            sae.remove_gradient_parallel_to_decoder_directions()
-            fvu_per_mse = float(out.fvu.detach()) / max(float(out.mse.detach()), 1e-30)  # = tokens / total variance
-            if sae_cfg.grad_clip_norm > 0 and fvu_per_mse > 0:  # d(fvu) / fvu_per_mse = d(per-token squared error)
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), sae_cfg.grad_clip_norm * fvu_per_mse)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sae.set_decoder_norm_to_unit_norm()
-            with torch.no_grad():
-                since_fired += B
-                fired = out.latent_indices[out.latent_acts > 0] if out.latent_indices is not None else (out.latent_acts > 0).any(0).nonzero().squeeze(1)
-                if reduce is not None:  # a latent is alive if it fired on any rank's slice
-                    hit = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-                    hit[fired] = 1
-                    fired = reduce.sum(hit).nonzero().squeeze(1)
-                since_fired[fired] = 0
-            if step % LOG_EVERY == 0 or step == n_steps - 1:
-                terms = {"fvu": out.fvu, "l0": out.l0, "loss": out.loss, "auxk_loss": out.auxk_loss, "l1_loss": out.l1_loss}
-                if reduce is not None:  # per-rank shares -> whole-batch values
-                    terms = {k: reduce.sum(v) for k, v in terms.items()}
-                rec = {"step": step, "tokens": (step + 1) * B, "fvu": round(terms["fvu"].item(), 6), "l0": round(terms["l0"].item(), 3),
-                       "dead_frac": round(dead.float().mean().item(), 6), "lr": lr, "loss": round(terms["loss"].item(), 6),
-                       "auxk_loss": round(terms["auxk_loss"].item(), 6), "l1_loss": round(terms["l1_loss"].item(), 6)}
-                log.append(rec)
-                pbar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.2f}")
-            pbar.update(1)
+            x = torch.from_numpy(x_np).to(dist.device, non_blocking=True)
             done = step + 1
-            if done < n_steps and (done % sae_cfg.checkpoint_every == 0 or done == stop) and dist.is_main:
-                _save_checkpoint(ckpt_path, sae, opt, since_fired, {**expect, "step": done, "n_steps": n_steps})
-                _write_log(out_dir / LOG_FILE, log)
+            for r in runs:
+                if step < r.start:
+                    continue
+                rec = _train_step(r, x, step, n_steps, sae_cfg, reduce, grad_scale)
+                if rec is not None and r is runs[0]:
+                    pbar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_frac']:.2f}")
+                if done < n_steps and (done % sae_cfg.checkpoint_every == 0 or done == stop) and dist.is_main:
+                    _save_checkpoint(r.out_dir / CKPT_FILE, r.sae, r.opt, r.since_fired,
+                                     {**r.expect, "step": done, "n_steps": n_steps})
+                    _write_log(r.out_dir / LOG_FILE, r.log)
+            pbar.update(1)
     pbar.close()
     if stop < n_steps:
-        dist.barrier()  # the checkpoint exists before any rank moves on
-        return sae
-    if sae_cfg.architecture == "batchtopk":  # threshold from the final weights, on the last batches trained on
-        sae.calibrate_threshold((torch.from_numpy(take(s)).to(device) for s in range(max(0, n_steps - THRESHOLD_BATCHES), n_steps)), reduce)
-    sae.eval()
-    if dist.is_main:
-        save_sae(sae, out_dir)
-        _write_log(out_dir / LOG_FILE, log)
-        ckpt_path.unlink(missing_ok=True)  # the final SAE supersedes it
+        dist.barrier()  # the checkpoints exist before any rank moves on
+        return [r.sae for r in runs]
+    for r in runs:
+        if sae_cfg.architecture == "batchtopk":  # threshold from the final weights, on the last batches trained on
+            r.sae.calibrate_threshold((torch.from_numpy(take(s)).to(dist.device) for s in range(max(0, n_steps - THRESHOLD_BATCHES), n_steps)), reduce)
+        r.sae.eval()
+        if dist.is_main:
+            save_sae(r.sae, r.out_dir)
+            _write_log(r.out_dir / LOG_FILE, r.log)
+            (r.out_dir / CKPT_FILE).unlink(missing_ok=True)  # the final SAE supersedes it
     dist.barrier()
-    return sae
+    return [r.sae for r in runs]
 
 
 def _ddp(sae: SAE, device: torch.device) -> torch.nn.Module:
@@ -572,6 +648,10 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
 CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "excluded_frac", "masked_rows",
                "loss_clean", "loss_sae", "loss_zero", "loss_mean", "frac_recovered_zero", "frac_recovered_mean",
                "train_tokens", "wall_s"]
+SEED_COLUMNS = ["seed_ref", "seed_shared_dec", "seed_median_cos_dec", "seed_q10_cos_dec", "seed_q90_cos_dec",
+                "seed_shared_enc", "seed_median_cos_enc", "seed_n_live"]
+"""Seed stability against seed `seed_ref` (`stability.summary_columns`); empty with one seed."""
+STABILITY_FILE = "sae_stability.json"
 
 
 def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None = None) -> list[Batch]:
@@ -585,10 +665,10 @@ def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | N
     return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
 
 
-def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int) -> dict:
+def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int) -> dict:
     manifest = json.dumps(cache.manifest, sort_keys=True, default=str)
-    return {"sae_config": _config_dict(cfg.sae), "seed": seed, "model": cfg.model(key).name, "layer": layer,
-            "cache": hashlib.sha256(manifest.encode()).hexdigest()[:16]}
+    return {"sae_config": _config_dict(cfg.sae), "seed": seed, "data_seed": data_seed, "model": cfg.model(key).name,
+            "layer": layer, "cache": hashlib.sha256(manifest.encode()).hexdigest()[:16]}
 
 
 def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = False,
@@ -596,46 +676,51 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
               dist: Dist | None = None, distribute_modules: bool = False) -> list[dict]:
     """Train, save and evaluate every configured (model, layer, seed) SAE; write `report/sae_metrics.csv`.
 
-    SAEs whose directory is complete and whose saved fingerprint (SAE config, seed, model, layer,
-    cache manifest) matches are reused, not retrained. Without `backends` the LM-loss columns stay
-    empty; with them, the LM loss is measured on `lm_texts` (default: the first `sae.lm_eval_passages` held-out corpus
-    passages, via `crossdict.corpus`).
+    The seeds of one (model, layer) train in the same pass over the data (`train_saes`); with two or more
+    seeds, each SAE's seed stability against the first seed (`stability.seed_stability`) fills the `seed_*`
+    columns and `report/sae_stability.json`. SAEs whose directory is complete and whose saved fingerprint
+    (SAE config, seed, data seed, model, layer, cache manifest) matches are reused, not retrained. Without
+    `backends` the LM-loss columns stay empty; with them, the LM loss is measured on `lm_texts` (default:
+    the first `sae.lm_eval_passages` held-out corpus passages, via `crossdict.corpus`).
 
     `dist` (from `distributed.init_dist`): every SAE is trained data-parallel over all ranks, or,
-    with `distribute_modules`, SAE j is trained whole by rank j % world_size. Rank 0 writes the CSV.
+    with `distribute_modules`, the seeds of (model, layer) j are trained whole by rank j % world_size.
+    Rank 0 writes the CSV.
     """
     dist = dist or Dist(device=resolve_device(cfg.device))
     if dist.enabled:
         check_same_config(dist, cfg.to_dict())
     cache = ActivationCache(cfg.cache_dir)
     seeds = list(seeds if seeds is not None else cfg.sae.seeds)
-    jobs = [(key, layer, seed) for key in ("a", "b") for layer in cfg.model(key).layers for seed in seeds]
+    groups = [(key, layer) for key in ("a", "b") for layer in cfg.model(key).layers]
     for key in ("a", "b"):
         validate_sae_config(cfg.sae, cache.d_model(key), len(cache.rows(key, "train")))
     if distribute_modules:
-        split_work(len(jobs), dist, "SAEs to train (models x layers x seeds)",
+        split_work(len(groups), dist, "SAE groups to train (models x layers; a layer's seeds train together)",
                    "drop --distribute-modules to train each SAE data-parallel over all ranks")
-        mine, job_dist = range(dist.rank, len(jobs), dist.world_size), local(dist)
+        mine, job_dist = range(dist.rank, len(groups), dist.world_size), local(dist)
     else:
-        mine, job_dist = range(len(jobs)), dist
+        mine, job_dist = range(len(groups)), dist
     if dist.enabled and dist.is_main:
         how = "whole SAEs dealt to" if distribute_modules else "each data-parallel over"
-        print(f"[crossdict] train: {len(jobs)} SAEs, {how} {dist.world_size} ranks")
-    results: dict[int, dict] = {}
-    layer_data: dict[tuple[str, int], tuple] = {}
+        print(f"[crossdict] train: {len(groups) * len(seeds)} SAEs, {how} {dist.world_size} ranks")
+    results: dict[int, list[dict]] = {}
+    stab: dict[int, list[dict]] = {}
     lm = {"batches": {}, "clean": {}}  # per model: the same batches give the same clean loss at every layer
     for j in mine:
-        key, layer, seed = jobs[j]
-        if (key, layer) not in layer_data:  # one layer's row lists in memory at a time
-            layer_data = {(key, layer): _layer_rows(cfg, cache, key, layer)}
-        results[j] = _train_one(cfg, cache, key, layer, seed, layer_data[(key, layer)], resume, backends, progress,
-                                lm_texts, lm, job_dist)
+        key, layer = groups[j]
+        data = _layer_rows(cfg, cache, key, layer)  # one layer's row lists in memory at a time
+        results[j], stab[j] = _train_group(cfg, cache, key, layer, seeds, data, resume, backends, progress, lm_texts, lm,
+                                           job_dist)
     if distribute_modules and dist.enabled:
-        gathered = dist.all_gather_object({str(j): r for j, r in results.items()})
-        results = {int(j): r for part in gathered for j, r in part.items()}
-    rows = [results[j] for j in range(len(jobs))]
+        gathered = dist.all_gather_object({str(j): (r, stab[j]) for j, r in results.items()})
+        merged = {int(j): v for part in gathered for j, v in part.items()}
+        results, stab = {j: v[0] for j, v in merged.items()}, {j: v[1] for j, v in merged.items()}
+    rows = [r for j in range(len(groups)) for r in results[j]]
     if dist.is_main:
         _write_csv(cfg.report_dir / "sae_metrics.csv", rows)
+        if any(stab.values()):
+            atomic_write_json(cfg.report_dir / STABILITY_FILE, [s for j in range(len(groups)) for s in stab[j]])
     dist.barrier()
     return rows
 
@@ -657,46 +742,81 @@ def _layer_rows(cfg: RunConfig, cache: ActivationCache, key: str, layer: int) ->
     return acts, max_norm, train_rows, train_rows[keep[train_rows]], held_rows[keep[held_rows]]
 
 
-def _train_one(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data: tuple,
-               resume: bool | str, backends: dict | None, progress: bool, lm_texts: list[str] | None, lm: dict,
-               dist: Dist) -> dict:
-    """Train (or reuse), evaluate and describe one SAE; the CSV row. Rank 0 of `dist` evaluates and writes."""
+def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seeds: list[int], data: tuple,
+                 resume: bool | str, backends: dict | None, progress: bool, lm_texts: list[str] | None, lm: dict,
+                 dist: Dist) -> tuple[list[dict], list[dict]]:
+    """Train (or reuse) the seeds of one (model, layer) in one data pass, evaluate them, measure seed stability.
+
+    Returns the CSV rows and the stability records (seed j >= 1 against seeds[0]). Rank 0 evaluates and writes.
+    """
     acts, max_norm, train_rows, layer_train, layer_held = data
     d_model = cache.d_model(key)
-    out_dir = cfg.sae_dir(key, layer, seed)
-    fp = _fingerprint(cfg, cache, key, layer, seed)
+    data_seed = seeds[0]
+    dirs = [cfg.sae_dir(key, layer, s) for s in seeds]
+    fps = [_fingerprint(cfg, cache, key, layer, s, data_seed) for s in seeds]
     t0 = time.perf_counter()
     # Rank 0 decides, so no rank reads files another is about to write.
-    metrics = dist.broadcast_object(_reusable_metrics(out_dir, fp) if dist.is_main else None)
-    if metrics is None:
-        meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
-                "context_size": cfg.model(key).max_ctx, "fingerprint": fp, "max_norm": max_norm}
-        if backends is not None:
-            meta["prepend_bos"] = bool(backends[key].has_bos)
-        sae = train_sae(acts, layer_train, cfg.sae, seed, out_dir, resume, progress, metadata=meta, dist=dist)
-        if dist.is_main:
-            metrics = evaluate_sae(sae, acts, layer_held)
-            metrics["train_wall_s"] = time.perf_counter() - t0
-            metrics["excluded_frac"] = 1.0 - len(layer_train) / len(train_rows)
-            atomic_write_json(out_dir / METRICS_FILE, metrics)
+    metrics = dist.broadcast_object([_reusable_metrics(d, fp) for d, fp in zip(dirs, fps)] if dist.is_main else None)
+    todo = [i for i, m in enumerate(metrics) if m is None]
+    if todo:
+        metas = []
+        for i in todo:
+            meta = {"model_name": cfg.model(key).name, "hook_name": hook_name(layer),
+                    "context_size": cfg.model(key).max_ctx, "fingerprint": fps[i], "max_norm": max_norm}
+            if backends is not None:
+                meta["prepend_bos"] = bool(backends[key].has_bos)
+            metas.append(meta)
+        saes = train_saes(acts, layer_train, cfg.sae, [seeds[i] for i in todo], [dirs[i] for i in todo], resume, progress,
+                          metas, dist=dist, data_seed=data_seed)
+        wall = (time.perf_counter() - t0) / len(todo)  # one pass trains them all: each is charged its share
+        for i, sae in zip(todo, saes):
+            if dist.is_main:
+                m = evaluate_sae(sae, acts, layer_held)
+                m["train_wall_s"] = wall
+                m["excluded_frac"] = 1.0 - len(layer_train) / len(train_rows)
+                atomic_write_json(dirs[i] / METRICS_FILE, m)
+                metrics[i] = m
         metrics = dist.broadcast_object(metrics)
-    if backends is not None and metrics.get("lm_eval_passages") != cfg.sae.lm_eval_passages:
-        if dist.is_main:
-            sae = load_sae(out_dir, device=getattr(backends[key], "device", "cpu"))
-            if key not in lm["batches"]:
-                lm["batches"][key] = _lm_batches(cfg, key, backends[key], lm_texts)
-            metrics.update(lm_loss_recovered(backends[key], sae, layer, lm["batches"][key], lm["clean"].get(key), max_norm))
-            metrics["lm_eval_passages"] = cfg.sae.lm_eval_passages
-            lm["clean"][key] = metrics["loss_clean"]
-            atomic_write_json(out_dir / METRICS_FILE, metrics)
-        metrics = dist.broadcast_object(metrics)
-    row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
-           "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
-           "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
-           "wall_s": round(metrics.get("train_wall_s", time.perf_counter() - t0), 2)}
-    row["masked_rows"] = int(cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["dropped"])  # of all cached rows
-    row.update({c: metrics.get(c, "") for c in CSV_COLUMNS if c not in row})
-    return row
+    rows = []
+    for i, seed in enumerate(seeds):
+        if backends is not None and metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages:
+            if dist.is_main:
+                sae = load_sae(dirs[i], device=getattr(backends[key], "device", "cpu"))
+                if key not in lm["batches"]:
+                    lm["batches"][key] = _lm_batches(cfg, key, backends[key], lm_texts)
+                metrics[i].update(lm_loss_recovered(backends[key], sae, layer, lm["batches"][key], lm["clean"].get(key), max_norm))
+                metrics[i]["lm_eval_passages"] = cfg.sae.lm_eval_passages
+                lm["clean"][key] = metrics[i]["loss_clean"]
+                atomic_write_json(dirs[i] / METRICS_FILE, metrics[i])
+            metrics[i] = dist.broadcast_object(metrics[i])
+        row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
+               "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
+               "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
+               "wall_s": round(metrics[i].get("train_wall_s", time.perf_counter() - t0), 2)}
+        row.update({c: metrics[i].get(c, "") for c in CSV_COLUMNS if c not in row})
+        rows.append(row)
+    stab = _group_stability(cfg, key, layer, seeds, dirs, acts, layer_held, rows) if len(seeds) > 1 and dist.is_main else []
+    return rows, stab
+
+
+def _group_stability(cfg: RunConfig, key: str, layer: int, seeds: list[int], dirs: list[Path], acts: Rows,
+                     held: np.ndarray, rows: list[dict]) -> list[dict]:
+    """Seed j >= 1 against seeds[0] (decoder and encoder Hungarian, live latents on held-out rows); fills `rows`.
+
+    The first seed's row carries its stability against seeds[1]; each record drops the matched index pairs.
+    """
+    saes = [load_sae(d) for d in dirs]
+    live = [live_latents(s, acts, held) for s in saes]
+    out = []
+    for j in range(1, len(seeds)):
+        st = seed_stability(saes[0], saes[j], live[0], live[j])
+        cols = summary_columns(st)
+        rows[j].update({**cols, "seed_ref": seeds[0]})
+        if j == 1:
+            rows[0].update({**cols, "seed_ref": seeds[1]})
+        out.append({"model": cfg.model(key).name, "key": key, "layer": layer, "seed_a": seeds[0], "seed_b": seeds[j],
+                    **{part: {k: v for k, v in st[part].items() if k != "pairs"} for part in ("decoder", "encoder")}})
+    return out
 
 
 def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
@@ -712,7 +832,7 @@ def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS + SEED_COLUMNS, restval="")
     w.writeheader()
     for r in rows:
         w.writerow({c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in r.items()})
