@@ -793,6 +793,7 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
                "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
                "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
                "wall_s": round(metrics[i].get("train_wall_s", time.perf_counter() - t0), 2)}
+        row["masked_rows"] = int(cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["dropped"])  # of all cached rows
         row.update({c: metrics[i].get(c, "") for c in CSV_COLUMNS if c not in row})
         rows.append(row)
     stab = _group_stability(cfg, key, layer, seeds, dirs, acts, layer_held, rows) if len(seeds) > 1 and dist.is_main else []
