@@ -239,6 +239,7 @@ def _check_finished(res, out: Path, run_name: str) -> None:
     print(res.stdout[-1500:])
 
 
+@pytest.mark.slow  # 312 s on the loaded 2-core machine: over the fast-suite budget
 def test_small_config_end_to_end_on_standins(small_hub, tmp_path):
     res, wall = run_seed_config("configs/small.yaml", small_hub, tmp_path, ["model_a.layers=[2]", "model_b.layers=[5]"])
     _check_finished(res, tmp_path, "small")
