@@ -61,8 +61,10 @@ def test_run_with_saelens_trained_saes_completes_and_lists_matches(pretrained_ru
     for la, lb in cfg.layer_pairs:  # one-to-one matches over the pretrained (and the mixed) dictionaries
         hung = [m for m in matches if m["method"] == "hungarian" and (m["layer_a"], m["layer_b"]) == (str(la), str(lb))]
         assert len(hung) == min(2 * 32, 2 * 48 if lb == 1 else 2 * 48), (la, lb, len(hung))
-        assert all(0 <= float(m["q_value"]) <= 1 for m in hung)
-    sig = [m for m in matches if m["method"] == "hungarian" and float(m["q_value"]) < cfg.align.q_threshold]
+        tested = [m for m in hung if m["tested"] == "1"]  # the support rule: untested pairs carry no p / q
+        assert tested and all(0 <= float(m["q_value"]) <= 1 for m in tested), (la, lb)
+        assert all(m["q_value"] in ("", "nan") for m in hung if m["tested"] != "1")
+    sig = [m for m in matches if m["method"] == "hungarian" and m["tested"] == "1" and float(m["q_value"]) < cfg.align.q_threshold]
     assert sig, "no significant matches"
     html = (cfg.report_dir / "index.html").read_text()
     assert 'id="browser"' in html and f'{sig[0]["feat_a"]}' in html
