@@ -348,3 +348,47 @@ def test_heldout_fvu_is_whole_set_per_stream_in_any_block_size():
         ev = evaluate_crosscoder(cc, ps, block_rows=block)
         np.testing.assert_allclose([ev["fvu"]["a:1"], ev["fvu"]["b:2"]], want, rtol=1e-5)
         assert ev["l0"] == pytest.approx(3.0, abs=0.5) and ev["n_pairs"] == 300
+
+
+def test_stage_reads_the_cache_row_mask_spikes_and_sink_left_out(tmp_path, monkeypatch):
+    """Issue 18: the crosscoder trains and scores on the rows the cache's row mask keeps (massive activations
+    *and* the attention sink of a model without BOS), not on a threshold of its own."""
+    import crossdict.crosscoder as cc_mod
+    from crossdict.cache import CACHE_FORMAT, ShardData, write_manifest, write_row_masks, write_shard
+
+    rng = np.random.default_rng(0)
+    n_pass, per = 60, 25
+    pid = np.repeat(np.arange(n_pass), per)
+    n = len(pid)
+    pos = np.tile(np.arange(per), n_pass)  # B has no BOS: its position-0 rows are the attention sink
+    z = rng.standard_normal((n, 8))
+    xa = (z @ rng.standard_normal((8, 24)) + 0.2 * rng.standard_normal((n, 24))).astype(np.float32)
+    xb = (z @ rng.standard_normal((8, 16)) + 0.2 * rng.standard_normal((n, 16))).astype(np.float32)
+    spike = rng.choice(np.nonzero(pos > 0)[0], n // 100, replace=False)
+    xa[spike] *= 200 * np.median(np.linalg.norm(xa, axis=1)) / np.linalg.norm(xa[spike], axis=1, keepdims=True)
+    tok = np.stack([pid, pos, pos * 4, pos * 4 + 4, rng.integers(0, 1000, n), (pid % 5 == 0).astype(int)], 1)
+    write_shard(tmp_path / "runs" / "toy" / "cache", 0,
+                ShardData({"a": tok, "b": tok.copy()}, {"a": {1: xa}, "b": {2: xb}}, np.stack([np.arange(n)] * 2, 1)))
+    cfg = stage_config(tmp_path)
+    cfg.sae.max_norm_ratio = 10.0
+    write_manifest(cfg.cache_dir, {"format": CACHE_FORMAT, "version": 1, "complete": True, "n_shards": 1, "models": {
+        "a": {"name": "toy-a", "d_model": 24, "layers": [1]}, "b": {"name": "toy-b", "d_model": 16, "layers": [2], "bos": False}}})
+    write_row_masks(ActivationCache(cfg.cache_dir), 10.0)
+    cache = ActivationCache(cfg.cache_dir)
+    masked = np.zeros(n, bool)
+    masked[spike] = True
+    masked |= pos == 0
+    assert (~cache.row_mask("a", 1) | ~cache.row_mask("b", 2)).sum() == masked.sum()  # the fixture masks what it plants
+
+    seen = {}
+    real_train, real_eval = cc_mod.train_crosscoder, cc_mod.evaluate_crosscoder
+    monkeypatch.setattr(cc_mod, "train_crosscoder", lambda ps, *a, **k: seen.setdefault("train", ps) and real_train(ps, *a, **k))
+    monkeypatch.setattr(cc_mod, "evaluate_crosscoder", lambda c, ps, *a, **k: seen.setdefault("heldout", ps) and real_eval(c, ps, *a, **k))
+    p = run_crosscode(cfg, layer_pairs=[(1, 2)], progress=False)["pairs"][0]
+    held = tok[:, 5] == 1
+    for split, want in (("train", ~held & ~masked), ("heldout", held & ~masked)):
+        rows = seen[split].rows[:, 0]
+        assert not masked[rows].any(), f"{split}: masked rows reached the crosscoder"
+        assert set(rows.tolist()) == set(np.nonzero(want)[0].tolist())  # and every kept row did
+    assert p["n_train_pairs"] == int((~held & ~masked).sum()) and p["n_heldout_pairs"] == int((held & ~masked).sum())
+    assert p["excluded_frac_heldout"] == pytest.approx((held & masked).sum() / held.sum())

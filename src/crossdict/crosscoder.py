@@ -58,7 +58,7 @@ from .evaluate import write_csv
 from .sae import _SparseDecode, _SparseEncode, load_sae
 from .sae import is_complete as sae_is_complete
 from .train import (CKPT_FORMAT, LOG_EVERY, BatchStream, Rows, _check_finite, _rows_digest, _save_checkpoint, _write_log,
-                    drop_massive, evaluate_sae, input_scale_and_mean, lr_at, massive_activation_threshold, resume_state)
+                    evaluate_sae, input_scale_and_mean, lr_at, resume_state)
 from .utils import atomic_path, atomic_write_json, stable_hash
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "crosscoder_weights.safetensors"
@@ -453,16 +453,6 @@ def streams_from_cache(cache: ActivationCache, streams: list[tuple[str, int]], s
     return PairedStreams(acts, pairs[:, [col[k] for k, _ in streams]], [f"{k}:{layer}" for k, layer in streams])
 
 
-def drop_massive_pairs(ps: PairedStreams, max_norms: list[float | None]) -> PairedStreams:
-    """Pairs where no stream holds a massive activation (see `train.massive_activation_threshold`)."""
-    keep = np.ones(ps.n, dtype=bool)
-    for m, (a, mx) in enumerate(zip(ps.acts, max_norms)):
-        if mx is not None:
-            uniq = np.unique(ps.rows[:, m])
-            keep &= np.isin(ps.rows[:, m], drop_massive(a, uniq, mx))
-    return ps.subset(keep)
-
-
 # --- training -----------------------------------------------------------------------------------
 
 
@@ -835,8 +825,9 @@ def run_crosscode(cfg: RunConfig, layer_pairs: list[tuple[int, int]] | None = No
 
     Writes `crosscoder/<la>_<lb>/`, `report/crosscoder.csv` (one row per latent) and
     `report/crosscoder_summary.json` (counts, r histogram, FVUs vs the SAEs, agreement); returns the summary
-    as written (missing numbers are None). Tokens with massive activations are left out exactly as
-    for the SAEs (same threshold per model and layer), so both are scored on the same rows.
+    as written (missing numbers are None). The pairs are those the cache's row mask keeps
+    (`ActivationCache.pair_mask`: massive activations and the attention sink of a model without
+    BOS left out), the rows the SAEs, maps and metrics use, so all are scored on the same rows.
     """
     ccfg = cfg.crosscoder
     k = ccfg.k if ccfg.k is not None else cfg.sae.k
@@ -854,10 +845,11 @@ def run_crosscode(cfg: RunConfig, layer_pairs: list[tuple[int, int]] | None = No
         out_dir = crosscoder_dir(cfg, la, lb)
         tr = streams_from_cache(cache, [("a", la), ("b", lb)], "train")
         ho = streams_from_cache(cache, [("a", la), ("b", lb)], "heldout")
-        max_norms = [massive_activation_threshold(a, cache.rows(key, "train"), cfg.sae.max_norm_ratio)
-                     for a, key in zip(tr.acts, ("a", "b"))]
+        ratio = cfg.sae.max_norm_ratio
+        max_norms = [cache.mask_info(key, layer, ratio)["max_norm"] for key, layer in (("a", la), ("b", lb))]
         n_tr, n_ho = tr.n, ho.n
-        tr, ho = drop_massive_pairs(tr, max_norms), drop_massive_pairs(ho, max_norms)
+        # the cache's row mask (massive activations, attention sink), as for every other stage
+        tr, ho = tr.subset(cache.pair_mask(la, lb, "train", ratio)), ho.subset(cache.pair_mask(la, lb, "heldout", ratio))
         fp = _fingerprint(cfg, cache, la, lb, k)
         cc = _reusable(out_dir, fp)
         if cc is None:
