@@ -23,7 +23,8 @@ from . import __version__
 from .config import RunConfig
 from .utils import atomic_write_text, read_json
 
-HEADLINE_METRICS = ("linear_cka", "svcca", "pwcca", "rsa", "mutual_knn", "debiased_cka")
+PLOT_METRICS = ("linear_cka", "svcca", "pwcca", "rsa", "mutual_knn", "debiased_cka")
+"""Residual metrics drawn in the metrics plot (masked raw space, `resid` rows)."""
 
 
 def _csv(path: Path) -> list[dict]:
@@ -63,9 +64,178 @@ def _table(header: list[str], rows: list[list], cls: str = "") -> str:
 # --- sections -----------------------------------------------------------------------------------
 
 
+HEADLINE = (("linear_cka", "linear CKA"), ("svcca", "SVCCA"), ("procrustes_r2", "Procrustes R²"),
+            ("retrieval_top1", "retrieval top-1"), ("topk_overlap", "top-k overlap (SAE)"),
+            ("significant_share", "significant-match share (SAE)"))  # fmt: skip
+"""The headline metrics (baselines.HEADLINE), in table order, with their labels: masked raw
+activations (`resid`) and SAE codes, never the z-scored (`resid_z`) variant."""
+_LABEL = dict(HEADLINE)
+_LEAD = ("significant_share", "topk_overlap", "svcca", "linear_cka", "procrustes_r2", "retrieval_top1")
+"""Which universality leads a layer pair's first sentence: the first with a finite value. Feature
+metrics first: their ceiling is a measured one (two SAE seeds), the residual ones' is identity = 1."""
+_FALLBACK_SPACE = {"linear_cka": "resid", "svcca": "resid", "topk_overlap": "sae"}
+"""A run without `universality` rows: the annotated rows that carry the same floor columns."""
+Z_LABEL = "z-scored per dimension (basis-dependent variant, not a headline)"
+
+
+def headline_rows(metrics: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """`(layer_a, layer_b, metric) -> row` for the headline metrics: the `universality` row (value,
+    floors, ceiling and universality [CI] from one joint passage resampling, see `baselines`),
+    else the `resid` / `sae` row of the same metric. Adds `q_diff_floor` (BH over the run's
+    paired floor tests of these rows, one family) when metrics.csv lacks it."""
+    from .stats import bh_qvalues
+
+    out: dict[tuple[str, str, str], dict] = {}
+    for r in metrics:
+        if r.get("space") == "universality" and r.get("metric") in _LABEL:
+            out[(r["layer_a"], r["layer_b"], r["metric"])] = dict(r)
+    for r in metrics:
+        key = (r["layer_a"], r["layer_b"], r["metric"])
+        if _FALLBACK_SPACE.get(r["metric"]) == r.get("space") and key not in out:
+            out[key] = dict(r)
+    rows = list(out.values())
+    if rows and not any(math.isfinite(_num(r.get("q_diff_floor"))) for r in rows):
+        q = bh_qvalues(np.array([_num(r.get("p_diff_floor")) for r in rows], np.float64))
+        for r, v in zip(rows, q):
+            r["q_diff_floor"] = float(v)
+    return out
+
+
+def beats_floor(r: dict, q: float = 0.05) -> bool | None:
+    """Does the value beat its strongest input-sharing floor? (real − floor) > 0 with the paired,
+    passage-resampled test's BH q (else p) below `q`; None when the row has no paired test."""
+    d = _num(r.get("diff_floor"))
+    p = _num(r.get("q_diff_floor"))
+    p = p if math.isfinite(p) else _num(r.get("p_diff_floor"))
+    if not (math.isfinite(d) and math.isfinite(p)):
+        return None
+    return bool(d > 0 and p < q)
+
+
+def _floors(r: dict) -> dict[str, float]:
+    vals = {k: _num(r.get(f"floor_{k}")) for k in ("token", "context", "random")}
+    return {k: v for k, v in vals.items() if math.isfinite(v)}
+
+
+def _strongest(r: dict) -> tuple[str, float]:
+    fl = _floors(r)
+    used = str(r.get("floor_used") or "")
+    if used not in fl:
+        used = max(fl, key=fl.get) if fl else ""
+    return used, fl.get(used, math.nan)
+
+
+def floor_value_ceiling(r: dict, nd: int = 3, q: float = 0.05) -> str:
+    """One headline cell: strongest floor ▸ value ▸ ceiling; below it every floor (token, context,
+    random weights) and universality [CI], marked when the value does not beat its floor."""
+    used, fv = _strongest(r)
+    ceil = _num(r.get("ceiling"))
+    kind = str(r.get("ceiling_kind") or "") or "none"
+    beat = beats_floor(r, q)
+    head = (f"<span class=null>{_f(fv, nd)} ({html.escape(used or '–')})</span> ▸ <b>{_f(r.get('value'), nd)}</b> ▸ "
+            f"<span class=null>{_f(ceil, nd) if math.isfinite(ceil) else 'no ceiling'} ({html.escape(kind)})</span>")
+    floors = " · ".join(f"{k} {_f(_num(r.get(f'floor_{k}')), nd)}" for k in ("token", "context", "random"))
+    u = f"universality {_f(r.get('universality'), 2)}"
+    if math.isfinite(_num(r.get("universality_ci_low"))):
+        u += f" [{_f(r.get('universality_ci_low'), 2)}, {_f(r.get('universality_ci_high'), 2)}]"
+    verdict = {True: " <span class=ok>beats its floor</span>", False: " <span class=bad>does not beat its floor</span>",
+               None: ""}[beat]  # fmt: skip
+    state = {True: "beats", False: "below", None: "untested"}[beat]
+    return (f'<div class=fvc data-metric="{html.escape(str(r.get("metric", "")))}" data-floor="{state}">{head}'
+            f"<br><span class='null floors'>floors: {floors}</span><br><span class=null>{u}</span>{verdict}</div>")
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _u_ci(r: dict) -> str:
+    s = f"{_f(r.get('universality'), 2)}"
+    if math.isfinite(_num(r.get("universality_ci_low"))):
+        s += f" [{_f(r.get('universality_ci_low'), 2)}, {_f(r.get('universality_ci_high'), 2)}]"
+    return s
+
+
+def lead_sentences(la: str, lb: str, head: dict, q: float, resid: dict) -> str:
+    """A layer pair's paragraph; its first sentence is the universality estimate with its CI, the
+    next say which headline metrics do not beat their strongest floor and which do.
+
+    head: `headline_rows`; resid: `(la, lb, space, metric) -> row` (for the shuffled null's p).
+    """
+    rows = {m: head[(la, lb, m)] for m, _ in HEADLINE if (la, lb, m) in head}
+    lead = next((m for m in _LEAD if m in rows and math.isfinite(_num(rows[m].get("universality")))), None)
+    if lead is None:
+        return (f"<p class=lead data-pair='{la}-{lb}'><b>A{la} ↔ B{lb}</b>: no universality estimate (metrics.csv has "
+                "no floors or ceilings for this pair; rerun the align stage).</p>")
+    r = rows[lead]
+    kind = "seed-to-seed ceiling" if r.get("ceiling_kind") == "seed" else "ceiling (identical representations)"
+    others = [f"{_LABEL[m]} {_u_ci(rows[m])}" for m, _ in HEADLINE if m != lead and m in rows
+              and math.isfinite(_num(rows[m].get("universality")))]  # fmt: skip
+    out = (f"<b>A{la} ↔ B{lb}</b>: universality {_u_ci(r)} by {_LABEL[lead]} (0 = strongest input-sharing floor, "
+           f"1 = {kind})" + (f"; by the other headline metrics {', '.join(others)}" if others else "") + ".")
+    below = [m for m in rows if beats_floor(rows[m], q) is False]
+    above = [m for m in rows if beats_floor(rows[m], q) is True]
+    if below:
+        fl = sorted({_strongest(rows[m])[0] for m in below})
+        weak = [m for m in below if _beats_weak_only(rows[m], resid.get((la, lb, "resid", m)), q)]
+        out += (f" <span class=bad>{_cap(_and([_LABEL[m] for m in below]))} {'does' if len(below) == 1 else 'do'} not beat "
+                f"{'its' if len(below) == 1 else 'their'} strongest floor ({'/'.join(fl)})</span>: by "
+                f"{'that metric' if len(below) == 1 else 'those metrics'} the two models share no more than reading the "
+                "same tokens gives.")
+        if weak:
+            out += (f" {_cap(_and([_LABEL[m] for m in weak]))} {'clears' if len(weak) == 1 else 'clear'} only the weaker "
+                    "controls (shuffled passages, random weights).")
+    if above:
+        qs = [_num(rows[m].get("q_diff_floor")) for m in above]
+        qs = [v for v in qs if math.isfinite(v)]
+        out += (f" {_cap(_and([_LABEL[m] for m in above]))} {'beats' if len(above) == 1 else 'beat'} "
+                f"{'its' if len(above) == 1 else 'their'} strongest floor (paired passage-resampled test"
+                + (f", BH q ≤ {_f(max(qs), 3)}" if qs else "") + ").")
+    untested = [m for m in rows if beats_floor(rows[m], q) is None]
+    if untested:
+        out += f" {_cap(_and([_LABEL[m] for m in untested]))}: no paired test against the floor."
+    return f"<p class=lead data-pair='{la}-{lb}'>{out}</p>"
+
+
+def _beats_weak_only(r: dict, resid_row: dict | None, q: float) -> bool:
+    """Below the input-sharing floor, yet above the random-weights floor (and the shuffled null where known)."""
+    rnd = _num(r.get("floor_random"))
+    if not math.isfinite(rnd) or not _num(r.get("value")) > rnd:
+        return False
+    p = _num((resid_row or {}).get("p_value"))
+    return not math.isfinite(p) or p < q
+
+
+def _mask_line(la: str, lb: str, manifest: dict, al: dict, get: dict) -> str:
+    """Held-out anchor pairs the row mask left out for this pair, and the per-layer cache counts."""
+    p = al.get((la, lb, "procrustes"), {})
+    r = get.get((la, lb, "resid", "linear_cka"), {})
+    n_m, n_ho = _num(p.get("n_masked")), _num(p.get("n_heldout"))
+    info = (manifest.get("row_mask") or {}).get("layers", {})
+    parts = []
+    for key, layer in (("a", la), ("b", lb)):
+        i = info.get(key, {}).get(layer)
+        if i:
+            parts.append(f"{key.upper()}{layer}: {i.get('dropped', 0)} of {i.get('n_rows', '?')} cached rows "
+                         f"({i.get('dropped_massive', 0)} massive, {i.get('dropped_sink', 0)} attention sink)")
+    s = ""
+    if math.isfinite(n_m) and math.isfinite(n_ho):
+        s = f"Row mask: {int(n_m)} of {int(n_m + n_ho)} held-out anchor pairs left out"
+        if r.get("masked_a", "") != "":
+            s += f" (A {r.get('masked_a')}, B {r.get('masked_b')})"
+    if parts:
+        s += ("; " if s else "Row mask: ") + "; ".join(parts)
+    return f"<span class=null>{s}.</span>" if s else ""
+
+
 def _summary(cfg: RunConfig, manifest: dict, metrics: list[dict], align: list[dict], matches: list[dict],
              stitching: list[dict]) -> str:
     c = manifest.get("counts", {})
+    q = cfg.align.q_threshold
     models = "".join(
         f"<li><b>{k.upper()}</b>: {html.escape(m['name'])} ({m.get('n_layers', '?')} blocks, d={m.get('d_model', '?')}), "
         f"layers {m.get('layers')}</li>" for k, m in manifest.get("models", {}).items())
@@ -74,79 +244,90 @@ def _summary(cfg: RunConfig, manifest: dict, metrics: list[dict], align: list[di
             f"{c.get('n_pairs', '?')} anchor pairs (pairing rate {_f(c.get('pairing_rate'))})")
     get = {(r["layer_a"], r["layer_b"], r["space"], r["metric"]): r for r in metrics}
     al = {(r["layer_a"], r["layer_b"], r["method"]): r for r in align}
-    rows = []
+    head = headline_rows(metrics)
+    leads, cols = [], []
     for la, lb in cfg.layer_pairs:
         la, lb = str(la), str(lb)
-        p = al.get((la, lb, "procrustes:z"), al.get((la, lb, "procrustes"), {}))
-        cka = get.get((la, lb, "resid_z", "linear_cka"), {})
-        floor = get.get((la, lb, "resid_z_random_b", "linear_cka"), {})
-        svcca = get.get((la, lb, "resid_z", "svcca"), {})
-        topk = get.get((la, lb, "sae", "topk_overlap"), {})
-        n_sig = sum(1 for m in matches if m["layer_a"] == la and m["layer_b"] == lb and m["method"] == "hungarian"
-                    and _num(m["q_value"]) < cfg.align.q_threshold)
+        leads.append(lead_sentences(la, lb, head, q, get).replace("</p>", "<br>" + _mask_line(la, lb, manifest, al, get) + "</p>"))
+        count = get.get((la, lb, "sae", "n_significant_hungarian"))
+        if count is None:  # a run before support counts: the q column of feature_matches.csv
+            n = sum(1 for m in matches if m["layer_a"] == la and m["layer_b"] == lb and m["method"] == "hungarian"
+                    and _num(m["q_value"]) < q)  # fmt: skip
+            count_cell = f"{n}"
+        else:
+            tested = get.get((la, lb, "sae", "n_tested_hungarian"), {}).get("value")
+            count_cell = floor_value_ceiling(count, 0, q) + f"<span class=null>of {_f(tested, 0)} tested A features</span>"
         st = [s for s in stitching if str(s.get("layer_a")) == la and str(s.get("layer_b")) == lb
               and s.get("map") == "procrustes" and s.get("control", "") in ("", "none")]
-        rows.append([
-            f"A{la} ↔ B{lb}",
-            f"{_f(p.get('r2'))} [{_f(p.get('r2_ci_low'))}, {_f(p.get('r2_ci_high'))}] <span class=null>null {_f(p.get('r2_null_mean'))}</span>",
-            f"{_f(p.get('top1'))} <span class=null>chance {_f(p.get('chance_top1'), 4)}</span>",
-            f"{_f(cka.get('value'))} [{_f(cka.get('ci_low'))}, {_f(cka.get('ci_high'))}] <span class=null>null {_f(cka.get('null_mean'))}; "
-            f"random-B floor {_f(floor.get('value'))}</span>",
-            f"{_f(svcca.get('value'))} [{_f(svcca.get('ci_low'))}, {_f(svcca.get('ci_high'))}] <span class=null>null {_f(svcca.get('null_mean'))}</span>",
-            f"{n_sig}",
-            f"{_f(topk.get('value'))} <span class=null>null {_f(topk.get('null_mean'))}</span>",
-            _f(st[0].get("frac_recovered")) if st and "frac_recovered" in st[0] else "–",
-        ])
-    table = _table(["layers", "Procrustes R² (held-out, z-scored)", "retrieval top-1", "linear CKA (z-scored)", "SVCCA (z-scored)",
-                    f"matched features (q < {cfg.align.q_threshold})", "top-k overlap", "stitching loss recovered"], rows, "num")
-    return (f'<section id="summary"><h2>Summary</h2><ul>{models}<li>{data}</li></ul>{table}'
-            '<p class=note>Brackets: 95% CI from resampling held-out passages. Null: the same statistic with passages '
-            'shuffled between the models. Floor: A against a randomly initialised B of the same architecture.</p></section>')
+        cols.append([floor_value_ceiling(head[(la, lb, m)], 3, q) if (la, lb, m) in head else "–" for m, _ in HEADLINE]
+                    + [count_cell, _f(st[0].get("frac_recovered")) if st and "frac_recovered" in st[0]
+                       else "<span class=null>– (transfer stage not run)</span>" if not stitching else "–"])
+    labels = [lab for _, lab in HEADLINE] + [f"significant matches (count, q < {q})", "stitching loss recovered"]
+    rows = [[f"<b>{html.escape(lab)}</b>"] + [c[i] for c in cols] for i, lab in enumerate(labels)]  # metrics down, pairs across
+    table = _table(["metric"] + [f"A{la} ↔ B{lb}" for la, lb in cfg.layer_pairs], rows, "num headline")
+    z = any(r.get("space") == "resid_z" for r in metrics)
+    return (f'<section id="summary"><h2>Summary</h2><ul>{models}<li>{data}</li></ul>' + "".join(leads)
+            + "<h3>Headline numbers: floor ▸ value ▸ ceiling (masked raw activations and SAE codes)</h3>" + table
+            + "<p class=note>Every number is on held-out passages, on the rows the cache's row mask keeps (massive "
+            "activations and the attention sink of a model without BOS left out). Each cell: the strongest floor ▸ the "
+            "value ▸ the ceiling, then all three floors and universality = (value − floor) / (ceiling − floor). "
+            "Floors share the input and go through the same code path: <i>token</i> (B replaced by its token id at the "
+            "anchor), <i>context</i> (token id and the previous token) and <i>random</i> (a randomly initialised B). "
+            "Ceiling: <i>seed</i> = two SAE seeds of the same model on the same data; <i>identity</i> = 1, what an "
+            "identical representation scores. Brackets: 95% CI from half-samples of held-out passages, drawn jointly for "
+            "value, floors and ceiling. <i>Beats its floor</i>: value − strongest floor &gt; 0 in a paired "
+            f"passage-resampled test, BH q &lt; {q} over the run's headline rows (p floor 1/(B+1) with B = "
+            f"{cfg.align.n_bootstrap} resamples). Significant matches: one-to-one matches of SAE features whose p beats "
+            "both the shuffled-passage and the token-stratified null (BH q), counted among A's features with support; "
+            "its token/context floor is the same count with B's SAE replaced by a token-identity code."
+            + (f" Rows labelled <code>resid_z</code> / <code>:z</code> are {Z_LABEL}: they appear only in the detail "
+               "tables below." if z else "") + "</p></section>")
 
 
-_UNIV_LABELS = {"linear_cka": "linear CKA", "svcca": "SVCCA", "procrustes_r2": "Procrustes R²",
-                "retrieval_top1": "retrieval top-1", "topk_overlap": "top-k overlap (SAE)",
-                "significant_share": "significant matches (share of tested A features)"}  # fmt: skip
+def _detail_rows(la: str, lb: str, head: dict, get: dict, q: float) -> list[list]:
+    cells = []
 
+    def add(label: str, r: dict | None, nd: int = 3) -> None:
+        if r is None:
+            return
+        beat = beats_floor(r, q)
+        ceil = _num(r.get("ceiling"))
+        cells.append([
+            label, f"<b>{_f(r.get('value'), nd)}</b>", _f(r.get("floor_token"), nd), _f(r.get("floor_context"), nd),
+            _f(r.get("floor_random"), nd), f"{_f(ceil, nd)} ({html.escape(str(r.get('ceiling_kind') or '–'))})",
+            _u_ci(r), f"{_f(r.get('diff_floor'), nd)} [{_f(r.get('diff_floor_ci_low'), nd)}, {_f(r.get('diff_floor_ci_high'), nd)}]",
+            f"{_f(r.get('p_diff_floor'), 3)} / {_f(r.get('q_diff_floor'), 3)}",
+            {True: "<span class=ok>yes</span>", False: "<span class=bad>no</span>", None: "–"}[beat],
+        ])  # fmt: skip
 
-def floor_value_ceiling(r: dict) -> str:
-    """One headline cell: strongest input-sharing floor ▸ value ▸ ceiling, universality [CI] below."""
-    floor = max((_num(r.get(f"floor_{k}")) for k in ("token", "context", "random")), default=math.nan,
-                key=lambda v: v if math.isfinite(v) else -math.inf)  # fmt: skip
-    u = (f"<br><span class=null>universality {_f(r.get('universality'), 2)} "
-         f"[{_f(r.get('universality_ci_low'), 2)}, {_f(r.get('universality_ci_high'), 2)}]</span>")
-    return (f"<span class=null>{_f(floor)} ({html.escape(str(r.get('floor_used', '')) or '–')})</span> ▸ "
-            f"<b>{_f(r.get('value'))}</b> ▸ <span class=null>{_f(r.get('ceiling'))} ({html.escape(str(r.get('ceiling_kind', '')) or '–')})</span>{u}")
+    for m, lab in HEADLINE:
+        add(lab, head.get((la, lb, m)))
+    add("significant matches (count)", get.get((la, lb, "sae", "n_significant_hungarian")), 0)
+    z = get.get((la, lb, "resid_z", "linear_cka"))
+    add(f"linear CKA, {Z_LABEL}", z)
+    return cells
 
 
 def _universality_section(cfg: RunConfig, metrics: list[dict]) -> str:
-    """Floors, values and ceilings per layer pair (space `universality` in metrics.csv, see `baselines`)."""
-    rows = [r for r in metrics if r.get("space") == "universality"]
-    if not rows:
+    """Per layer pair: value, token / context / random floor, ceiling, universality [CI] and the paired
+    test against the strongest floor (space `universality` in metrics.csv, see `baselines`)."""
+    head = headline_rows(metrics)
+    if not head:
         return ""
-    get = {(r["layer_a"], r["layer_b"], r["metric"]): r for r in rows}
-    sentences, table = [], []
+    get = {(r["layer_a"], r["layer_b"], r["space"], r["metric"]): r for r in metrics}
+    q = cfg.align.q_threshold
+    cols = ["metric", "value", "token floor", "context floor", "random floor", "ceiling", "universality [95% CI]",
+            "value − strongest floor [95% CI]", "p / q (paired, vs floor)", "beats its floor"]
+    out = []
     for la, lb in cfg.layer_pairs:
-        la, lb = str(la), str(lb)
-        cells = [get.get((la, lb, m)) for m in _UNIV_LABELS]
-        if not any(cells):
-            continue
-        head = get.get((la, lb, "topk_overlap")) or get.get((la, lb, "linear_cka"))
-        if head is not None and math.isfinite(_num(head.get("universality"))):
-            which = "top-k overlap of SAE features" if head["metric"] == "topk_overlap" else "linear CKA"
-            sentences.append(
-                f"<li><b>A{la} ↔ B{lb}</b>: universality {_f(head['universality'], 2)} "
-                f"[{_f(head['universality_ci_low'], 2)}, {_f(head['universality_ci_high'], 2)}] by {which}, i.e. the "
-                f"cross-model value sits that far from its {html.escape(head.get('floor_used', ''))} floor towards its "
-                f"{html.escape(head.get('ceiling_kind', ''))} ceiling (paired test vs floor p = {_f(head.get('p_diff_floor'), 3)}).</li>")
-        table.append([f"A{la} ↔ B{lb}"] + [floor_value_ceiling(c) if c else "–" for c in cells])
-    return ('<section id="universality"><h2>Floors and ceilings</h2><ul>' + "".join(sentences) + "</ul>"
-            + _table(["layers"] + list(_UNIV_LABELS.values()), table, "num")
-            + "<p class=note>Each cell: floor ▸ value ▸ ceiling. Floor: the strongest of B replaced by its token id "
-            "(token), by token + previous token (context), and a randomly initialised B (random), each through the "
-            "same code path. Ceiling: 1 for an identical representation (identity), or A's and B's SAE seed 0 vs "
-            "seed 1 (seed). Universality = (value − floor) / (ceiling − floor); brackets: 95% CI from the same "
-            "half-samples of held-out passages for value, floor and ceiling.</p></section>")
+        rows = _detail_rows(str(la), str(lb), head, get, q)
+        if rows:
+            out.append(f"<h3>A{la} ↔ B{lb}</h3>" + _table(cols, rows, "num"))
+    return ('<section id="universality"><h2>Floors and ceilings</h2><p>Every headline number next to what the input alone '
+            "gives (token and context floors), what an untrained B gives (random floor) and what the same model gives "
+            "(seed ceiling), with the paired, passage-resampled test of value − strongest floor. q: Benjamini–Hochberg "
+            "over the paired floor tests of the run's headline rows. A metric that does not beat its floor is "
+            "explained by shared input.</p>" + "".join(out) + "</section>")
 
 
 def _heat_table(rows: list[dict], field: str, pairs: set[tuple[int, int]], title: str) -> str:
@@ -180,16 +361,22 @@ def _layer_section(cfg: RunConfig, rows: list[dict], manifest: dict) -> str:
     depth = []
     for la in sorted({int(r["layer_a"]) for r in rows}):
         cand = [r for r in rows if int(r["layer_a"]) == la]
-        best = max(cand, key=lambda r: _num(r["cka_z"]) if math.isfinite(_num(r["cka_z"])) else -1)
-        depth.append([f"A{la} ({(la + 1) / na:.2f})", f"B{best['layer_b']} ({(int(best['layer_b']) + 1) / nb:.2f})", _f(best["cka_z"])])
+        best = max(cand, key=lambda r: _num(r["cka"]) if math.isfinite(_num(r["cka"])) else -1)
+        depth.append([f"A{la} ({(la + 1) / na:.2f})", f"B{best['layer_b']} ({(int(best['layer_b']) + 1) / nb:.2f})", _f(best["cka"])])
     src = rows[0].get("source", "")
+    masked = rows[0].get("n_masked", "")
+    has_z = any(math.isfinite(_num(r.get("cka_z"))) for r in rows)
     return ('<section id="layers"><h2>Layer correspondence</h2>'
             f'<p>Linear CKA between every layer of A (rows) and every layer of B (columns) on {rows[0].get("n_pairs", "?")} '
-            f'held-out anchor pairs ({html.escape(src)}). Outlined cells are the configured pairs; bold marks each row\'s best B layer. '
-            'Raw residuals are dominated by a few rogue dimensions (massive activations), so the z-scored map is the one to read.</p>'
-            + _heat_table(rows, "cka_z", pairs, "z-scored dimensions") + _heat_table(rows, "cka", pairs, "raw residual stream")
+            f'held-out anchor pairs ({html.escape(src)}), masked raw activations'
+            + (f" ({html.escape(str(masked))} pairs left out by the row mask)" if masked not in ("", None) else "")
+            + ". Outlined cells are the configured pairs; bold marks each row's best B layer. This map is a "
+            "correspondence guide; it has no input-sharing floor (see the summary for floors and ceilings).</p>"
+            + _heat_table(rows, "cka", pairs, "masked raw residual stream")
+            + (_heat_table(rows, "cka_z", pairs, f"{Z_LABEL}") if has_z else "")
             + "<h3>Does relative depth line up?</h3>"
-            + _table(["A layer (relative depth)", "best B layer (relative depth)", "CKA (z)"], depth, "num") + "</section>")
+            + _table(["A layer (relative depth)", "best B layer (relative depth)", "linear CKA (masked raw)"], depth, "num")
+            + "</section>")
 
 
 def _metric_plots(cfg: RunConfig, metrics: list[dict]) -> str:
@@ -203,33 +390,44 @@ def _metric_plots(cfg: RunConfig, metrics: list[dict]) -> str:
     get = {(r["layer_a"], r["layer_b"], r["space"], r["metric"]): r for r in metrics}
     pairs = [(str(a), str(b)) for a, b in cfg.layer_pairs]
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.2), squeeze=False, sharex=True)
+    marks = (("floor_token", "s", "#ee7733", "token floor"), ("floor_context", "D", "#aa3377", "context floor"),
+             ("floor_random", "v", "#777777", "random-weights floor"))  # fmt: skip
     for ax, (la, lb) in zip(axes[0], pairs):
-        names = [m for m in HEADLINE_METRICS if (la, lb, "resid_z", m) in get]
+        names = [m for m in PLOT_METRICS if (la, lb, "resid", m) in get]
         for i, m in enumerate(names):
-            r = get[(la, lb, "resid_z", m)]
+            r = get[(la, lb, "resid", m)]
             v, lo, hi = _num(r["value"]), _num(r["ci_low"]), _num(r["ci_high"])
             ax.barh(i, v, color="#4477aa", alpha=0.8)
-            if math.isfinite(lo) and math.isfinite(hi):
+            if math.isfinite(lo) and math.isfinite(hi) and lo <= v <= hi:
                 ax.errorbar(v, i, xerr=[[v - lo], [hi - v]], color="k", capsize=3, lw=1)
             ax.plot(_num(r["null_mean"]), i, "x", color="#cc3311", ms=7, label="shuffled null" if i == 0 else None)
-            fl = get.get((la, lb, "resid_z_random_b", m))
-            if fl:
-                ax.plot(_num(fl["value"]), i, "v", color="#777777", ms=6, label="random-B floor" if i == 0 else None)
-            for key, layer in (("a", la), ("b", lb)):
-                ce = get.get((layer, layer, f"sae_seed_{key}", m))
-                if ce:
-                    ax.plot(_num(ce["value"]), i, "^", color="#228833", ms=6)
+            for col, mk, color, lab in marks:
+                if math.isfinite(_num(r.get(col))):
+                    ax.plot(_num(r[col]), i, mk, color=color, ms=5, label=lab if i == 0 else None)
         ax.set_yticks(range(len(names)), names)
-        ax.set_title(f"A{la} ↔ B{lb} (z-scored residuals)", fontsize=9)
+        ax.set_title(f"A{la} ↔ B{lb} (masked raw residuals)", fontsize=9)
         ax.set_xlim(-0.05, 1.0)
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    rows = [[f"A{r['layer_a']} ↔ B{r['layer_b']}", r["space"], r["metric"], _f(r["value"]), f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]",
-             _f(r["null_mean"]), _f(r["p_value"])] for r in metrics]
-    table = _table(["layers", "space", "metric", "value", "95% CI", "null mean", "p"], rows, "num sortable")
-    return ('<section id="metrics"><h2>Similarity metrics</h2><p>Bars: value with 95% CI; ×: shuffled-pairing null; ▼: '
-            'A against a randomly initialised B (floor); ▲: seed-to-seed SAE ceiling where two seeds were trained.</p>'
-            + _png(fig) + f"<details><summary>All metrics ({len(rows)} rows)</summary>{table}</details></section>")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.06), frameon=False)
+    cols = ("value", "ci_low", "ci_high", "null_mean", "p_value", "q_value", "floor_token", "floor_context", "floor_random",
+            "ceiling", "universality")  # fmt: skip
+
+    def space(r: dict) -> str:
+        sp = html.escape(r["space"])
+        return f"{sp} <span class=null>(basis-dependent)</span>" if r["space"].startswith("resid_z") else sp
+
+    rows = [[f"A{r['layer_a']} ↔ B{r['layer_b']}", space(r), html.escape(r["metric"])] + [_f(r.get(c)) for c in cols]
+            for r in metrics]
+    table = _table(["layers", "space", "metric", "value", "CI low", "CI high", "null mean", "p", "q (BH, run)", "token floor",
+                    "context floor", "random floor", "ceiling", "universality"], rows, "num sortable")
+    return ('<section id="metrics"><h2>Similarity metrics</h2><p>Masked raw residuals (<code>resid</code> rows). Bars: value '
+            'with 95% CI; ×: shuffled-passage null; ■ token floor, ◆ context floor, ▼ random-weights floor. A bar that '
+            'does not clear its token and context floors says no more than that both models read the same text. '
+            'Ceiling: 1 (identical representations). These rows and the summary\'s draw their held-out tokens '
+            '(≤ align.metric_max_tokens, whole passages) separately; where the two values differ (CKA is sensitive to which '
+            'passages are drawn), read the summary\'s, whose value, floors and ceiling share one resampling.</p>'
+            + _png(fig) + f"<details><summary>All metric rows of metrics.csv ({len(rows)})</summary>{table}</details></section>")
 
 
 def _sae_section(cfg: RunConfig, sae_rows: list[dict]) -> str:
@@ -317,13 +515,16 @@ def _match_section(cfg: RunConfig, matches: list[dict], seed_matches: list[dict]
     p = [_num(m["p_value"]) for m in hung if math.isfinite(_num(m["p_value"]))]
     ax.hist(p, bins=20, range=(0, 1), color="#4477aa")
     ax.axhline(len(p) / 20, color="#cc3311", ls="--", label="all null (uniform)")
-    ax.set(title="match p-values vs the shuffled null", xlabel="p-value")
+    ax.set(title="match p-values (shuffled and token-stratified nulls)", xlabel="p-value")
     ax.title.set_fontsize(8)
     ax.legend(fontsize=6)
-    return ('<section id="matches"><h2>Feature matching</h2><p>One-to-one (Hungarian) matches of SAE latents by activation '
-            'correlation over anchor-paired train tokens; each match\'s p-value comes from a null that shuffles passages '
-            'between the models, then Benjamini–Hochberg q-values. Under no shared features the p-values would be uniform '
-            '(dashed line).</p>' + _png(fig) + "</section>")
+    return ('<section id="matches"><h2>Feature matching</h2><p>One-to-one (Hungarian) matches of SAE latents, chosen by '
+            'activation correlation on train anchors; the correlation shown is on held-out anchors. A pair is tested '
+            'only when both features fire in enough held-out passages and tokens (dead and rare features are counted, '
+            'not matched). Its p is the larger of two permutation p\'s: passages shuffled between the models, and B\'s '
+            'rows re-paired within the same B token (token-stratified), so a match must beat reading the same token; then '
+            'Benjamini–Hochberg q over the tested pairs. Under no shared features the p-values would be uniform (dashed '
+            'line).</p>' + _png(fig) + "</section>")
 
 
 def _crosscoder_section(cfg: RunConfig) -> str:
@@ -521,7 +722,7 @@ def write_report(cfg: RunConfig, per_pair: int = 60) -> Path:
         + _transfer_section(transfer, stitching, patching, examples, cfg.align.q_threshold, _csv(rd / "transfer_paired.csv"),
                             _csv(rd / "sae_transfer.csv"))
         + _browser_section(browser)
-        + _HOW_TO_READ
+        + _how_to_read(cfg, metrics)
     )
     names = f"{html.escape(cfg.model_a.name)} ↔ {html.escape(cfg.model_b.name)}"
     page = (_PAGE.replace("{{title}}", f"crossdict: {names}").replace("{{run}}", html.escape(cfg.run_name))
@@ -548,13 +749,31 @@ click a column to sort; click a row to see where both features fire in the same 
 <div id="detail"><p class=note>Choose a pair.</p></div></div></section>"""
 
 
-_HOW_TO_READ = """<section id="howto"><h2>How to read this report</h2><ul>
+def _how_to_read(cfg: RunConfig, metrics: list[dict]) -> str:
+    """The reading guide, with this run's verdicts: which headline metrics beat their floor at every pair, at none."""
+    head = headline_rows(metrics)
+    q = cfg.align.q_threshold
+    pairs = [(str(a), str(b)) for a, b in cfg.layer_pairs]
+    verdict = ""
+    if head:
+        per = {m: [beats_floor(head[(la, lb, m)], q) for la, lb in pairs if (la, lb, m) in head] for m, _ in HEADLINE}
+        always = [_LABEL[m] for m, v in per.items() if v and all(x is True for x in v)]
+        never = [_LABEL[m] for m, v in per.items() if v and all(x is False for x in v)]
+        mixed = [_LABEL[m] for m, v in per.items() if v and _LABEL[m] not in always + never]
+        verdict = "<li><b>In this run</b>: " + "; ".join(filter(None, [
+            f"beat their strongest floor at every layer pair: {_and(always)}" if always else "",
+            f"at no layer pair: {_and(never)} (at most they clear the shuffled null and the random weights: no "
+            "evidence of a shared learned representation)" if never else "",
+            f"at some pairs: {_and(mixed)} (see each pair's sentence in the summary)" if mixed else ""])) + ".</li>"
+    return f"""<section id="howto"><h2>How to read this report</h2><ul>
 <li><b>Anchor pairs</b>: token i of A and token j of B are paired when both end at the same character, so both models have read exactly the same text.</li>
 <li><b>Held-out</b>: every map and match is fitted on train passages; every number here is scored on held-out passages.</li>
-<li><b>CI, null, floor, ceiling</b>: a metric matters when its CI clears the shuffled-pairing null and the random-weights floor; the seed-to-seed SAE ceiling says how similar two dictionaries of the <i>same</i> model are.</li>
-<li><b>Masked raw space</b>: every number is computed on raw residuals with massive activations and the attention sink of a model without BOS left out (the cache row mask); z-scored ("resid_z", ":z") numbers depend on each model's basis and are a labelled variant, not the headline.</li>
-<li><b>Feature pairs</b>: correlation is over paired tokens; decoder cosine compares directions after the Procrustes map; stability is the share of passage-bootstrap resamples in which the same match recurs.</li>
-</ul></section>"""
+<li><b>Masked raw space is the headline</b>: numbers are computed on raw residuals with massive activations and the attention sink of a model without BOS left out (the cache row mask, counted per pair in the summary). Per-dimension z-scoring ("resid_z", ":z") depends on each model's arbitrary basis (a rotated copy of the same model scores well below 1 there), so it is a labelled variant in the detail tables, never a headline.</li>
+<li><b>Floor ▸ value ▸ ceiling</b>: two models that read the same text share a lot for that reason alone. The token floor (B replaced by its token id) and the context floor (token + previous token) measure what the input gives; the random-weights floor what an untrained B gives; the ceiling is what two SAE seeds of the same model reach (feature metrics) or 1 (residual metrics). A number means "shared learned representation" only where it beats its strongest floor in the paired test; its universality says how far it goes from that floor to the ceiling (0: nothing beyond the input, 1: as similar as the model is to itself).</li>
+<li><b>The shuffled-passage null and the random-weights floor are weak</b>: they destroy "both models read the same token", so clearing them shows shared input, not shared features. A result that beats only them is reported as not surviving.</li>
+<li><b>Significant matches</b> are counted among A's features that fire in enough held-out passages and tokens, and must beat the token-stratified null as well as the shuffled one; the same count with B's SAE replaced by a token-identity code is their floor.</li>
+<li><b>Feature pairs</b>: correlation is over held-out paired tokens; decoder cosine compares directions after the Procrustes map; stability is the share of passage-bootstrap resamples in which the same match recurs.</li>
+{verdict}</ul></section>"""
 
 
 _PAGE = """<!doctype html>
@@ -562,7 +781,7 @@ _PAGE = """<!doctype html>
 <style>
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1400px;padding:0 20px 60px;color:#222}
 h1{font-size:22px;margin:18px 0 4px} h2{border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:30px} h3{font-size:15px}
-nav a{margin-right:12px} .note,.null{color:#666;font-size:12px} code{background:#f4f4f4;padding:0 3px}
+nav a{margin-right:12px} .ok{color:#1a7a1a;font-size:12px} .bad{color:#b02020} .fvc{font-size:13px} table.headline td{vertical-align:top;min-width:300px}\np.lead{margin:6px 0 10px;max-width:1250px} .note,.null{color:#666;font-size:12px} code{background:#f4f4f4;padding:0 3px}
 table{border-collapse:collapse;margin:8px 0} th,td{border:1px solid #ddd;padding:3px 7px;text-align:left} th{background:#f6f6f6}
 table.num td{font-variant-numeric:tabular-nums} img{max-width:100%}
 .heat{display:inline-block;vertical-align:top;margin-right:24px} .heatmap td{width:34px;text-align:center;font-size:11px;padding:2px}
