@@ -151,7 +151,7 @@ def test_annotate_fills_floors_ceiling_and_universality():
 
 def test_report_section_shows_floor_value_ceiling_and_universality_first(tmp_path):
     from crossdict.config import config_from_dict
-    from crossdict.report import _universality_section
+    from crossdict.report import _universality_section, floor_value_ceiling
 
     cfg = config_from_dict({"run_name": "t", "output_dir": str(tmp_path), "model_a": {"name": "a", "layers": [1]},
                             "model_b": {"name": "b", "layers": [2]}})  # fmt: skip
@@ -159,6 +159,7 @@ def test_report_section_shows_floor_value_ceiling_and_universality_first(tmp_pat
            "floor_token": "0.1", "floor_context": "0.05", "floor_random": "nan", "ceiling": "0.5", "ceiling_kind": "seed",
            "universality": "0.5", "universality_ci_low": "0.4", "universality_ci_high": "0.6", "p_diff_floor": "0.02",
            "floor_used": "token"}  # fmt: skip
-    html = _universality_section(cfg, [row])
-    assert "universality 0.50 [0.40, 0.60]" in html.split("<li>")[1]
-    assert "0.100 (token)</span> ▸ <b>0.300</b> ▸ <span class=null>0.500 (seed)" in html
+    html = _universality_section(cfg, [row])  # the detail table; the summary's sentences: tests/test_report.py
+    assert ("<td>top-k overlap (SAE)</td><td><b>0.300</b></td><td>0.100</td><td>0.050</td><td>–</td><td>0.500 (seed)</td>"
+            "<td>0.50 [0.40, 0.60]</td>") in html
+    assert "0.100 (token)</span> ▸ <b>0.300</b> ▸ <span class=null>0.500 (seed)" in floor_value_ceiling(row)

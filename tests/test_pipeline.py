@@ -110,8 +110,9 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
         assert cells.count() == 2 * 4 * 3  # z-scored and raw maps, 4 x 3 layers each
         values = [float(v) for v in cells.evaluate_all("els => els.map(e => e.dataset.value)")]
         assert all(0.0 <= v <= 1.0 for v in values) and max(values) > 0.1
-        summary = page.locator("#summary table tbody tr").first.inner_text()
-        assert "A1 ↔ B1" in summary and any(ch.isdigit() for ch in summary.split("A1 ↔ B1")[1])
+        summary = page.locator("#summary table").first.inner_text()  # metrics down, layer pairs across
+        assert "A1 ↔ B1" in summary and page.locator("#summary table .fvc b").count() > 0
+        assert all(any(ch.isdigit() for ch in v) for v in page.locator("#summary table .fvc b").all_inner_texts())
         assert page.locator("#saes img").evaluate("img => img.naturalWidth") > 100  # the inline PNG decoded
         n_pairs = page.locator("#pairs tbody tr").count()
         assert n_pairs > 0
