@@ -129,3 +129,17 @@ def test_beats_floor_uses_the_paired_test_and_bh_over_the_headline_rows():
     assert [beats_floor(head[("1", "2", m)]) for m in DEMO] == [False, True, True, False, True, True]
     assert beats_floor({"diff_floor": "0.2", "p_diff_floor": "0.04", "q_diff_floor": "0.06"}) is False  # q, not p
     assert beats_floor({"diff_floor": "nan", "p_diff_floor": "nan"}) is None
+
+
+def test_metrics_csv_carries_the_bh_q_of_the_floor_test_and_the_report_reads_it():
+    from crossdict.baselines import annotate
+
+    rows = [_urow("1", "2", m, v) for m, v in DEMO.items()]
+    rows.append({"layer_a": "1", "layer_b": "2", "space": "resid", "metric": "svcca", "value": 0.68})
+    out = {(r["space"], r["metric"]): r for r in annotate(rows)}
+    assert "q_diff_floor" in BASELINE_COLUMNS
+    assert out[("universality", "svcca")]["q_diff_floor"] == pytest.approx(0.0196 * 6 / 4)
+    assert out[("universality", "linear_cka")]["q_diff_floor"] == pytest.approx(1.0)
+    assert out[("resid", "svcca")]["q_diff_floor"] == pytest.approx(0.0196 * 6 / 4)  # copied to its headline row
+    stored = [{**r, "q_diff_floor": 0.5} for r in rows[:6]]  # the report uses the stored q, not its own
+    assert headline_rows(stored)[("1", "2", "svcca")]["q_diff_floor"] == 0.5 and not beats_floor(stored[1])

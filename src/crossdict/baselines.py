@@ -38,16 +38,17 @@ from scipy import sparse
 
 from .matching import Matches, code_correlation, pair_correlation, support_counts
 from .metrics import HeldoutCCA, cross_moments, jaccard_sets, linear_cka_from_moments, topk_sets
-from .stats import half_sample_ci, passage_index, passage_subsample, resample_rows
+from .stats import bh_qvalues, half_sample_ci, passage_index, passage_subsample, resample_rows
 
 FLOORS = ("token", "context")
 """Input-sharing floors built here (the random-weights floor comes from `cache_random`)."""
 BASELINE_COLUMNS = (
     "floor_token", "floor_context", "floor_random", "ceiling", "ceiling_kind", "universality",
     "universality_ci_low", "universality_ci_high", "diff_floor", "diff_floor_ci_low", "diff_floor_ci_high",
-    "p_diff_floor", "floor_used",
+    "p_diff_floor", "floor_used", "q_diff_floor",
 )  # fmt: skip
-"""Columns `metrics.csv` gains: floors, ceiling, universality [CI] and the paired test of (real − floor)."""
+"""Columns `metrics.csv` gains: floors, ceiling, universality [CI] and the paired test of (real − floor)
+(q_diff_floor: its BH q over the run's `universality` rows, one family)."""
 HEADLINE = ("linear_cka", "svcca", "procrustes_r2", "retrieval_top1", "topk_overlap", "significant_share")
 """Metrics that get a universality row (space `universality`) per layer pair."""
 
@@ -407,6 +408,9 @@ def annotate(rows: list[dict]) -> list[dict]:
     `universality` row.
     """
     by = {(r["layer_a"], r["layer_b"], r["space"], r["metric"]): r for r in rows}
+    uni = [r for r in rows if r.get("space") == "universality"]
+    for r, q in zip(uni, bh_qvalues(np.array([_num(r.get("p_diff_floor")) for r in uni], np.float64))):
+        r["q_diff_floor"] = float(q)
     for r in rows:
         fill_baseline_columns(r)
         space, metric, la, lb = r["space"], r["metric"], r["layer_a"], r["layer_b"]
@@ -429,6 +433,6 @@ def annotate(rows: list[dict]) -> list[dict]:
         u = by.get((la, lb, "universality", _HEADLINE_OF.get((space, metric), "")))
         if u is not None:
             for c in ("universality_ci_low", "universality_ci_high", "diff_floor", "diff_floor_ci_low",
-                      "diff_floor_ci_high", "p_diff_floor"):  # fmt: skip
+                      "diff_floor_ci_high", "p_diff_floor", "q_diff_floor"):  # fmt: skip
                 r[c] = u[c]
     return rows
