@@ -358,14 +358,17 @@ def _layer_section(cfg: RunConfig, rows: list[dict], manifest: dict) -> str:
     pairs = set(cfg.layer_pairs)
     na = manifest.get("models", {}).get("a", {}).get("n_layers") or 1
     nb = manifest.get("models", {}).get("b", {}).get("n_layers") or 1
+    has_z = any(math.isfinite(_num(r.get("cka_z"))) for r in rows)
     depth = []
     for la in sorted({int(r["layer_a"]) for r in rows}):
         cand = [r for r in rows if int(r["layer_a"]) == la]
-        best = max(cand, key=lambda r: _num(r["cka"]) if math.isfinite(_num(r["cka"])) else -1)
-        depth.append([f"A{la} ({(la + 1) / na:.2f})", f"B{best['layer_b']} ({(int(best['layer_b']) + 1) / nb:.2f})", _f(best["cka"])])
+        row = [f"A{la} ({(la + 1) / na:.2f})"]
+        for field in ("cka", "cka_z") if has_z else ("cka",):
+            best = max(cand, key=lambda r: _num(r[field]) if math.isfinite(_num(r[field])) else -1)
+            row += [f"B{best['layer_b']} ({(int(best['layer_b']) + 1) / nb:.2f})", _f(best[field])]
+        depth.append(row)
     src = rows[0].get("source", "")
     masked = rows[0].get("n_masked", "")
-    has_z = any(math.isfinite(_num(r.get("cka_z"))) for r in rows)
     return ('<section id="layers"><h2>Layer correspondence</h2>'
             f'<p>Linear CKA between every layer of A (rows) and every layer of B (columns) on {rows[0].get("n_pairs", "?")} '
             f'held-out anchor pairs ({html.escape(src)}), masked raw activations'
@@ -375,7 +378,8 @@ def _layer_section(cfg: RunConfig, rows: list[dict], manifest: dict) -> str:
             + _heat_table(rows, "cka", pairs, "masked raw residual stream")
             + (_heat_table(rows, "cka_z", pairs, f"{Z_LABEL}") if has_z else "")
             + "<h3>Does relative depth line up?</h3>"
-            + _table(["A layer (relative depth)", "best B layer (relative depth)", "linear CKA (masked raw)"], depth, "num")
+            + _table(["A layer (relative depth)", "best B layer (relative depth)", "linear CKA (masked raw)"]
+                     + (["best B layer, z-scored (basis-dependent)", "CKA (z)"] if has_z else []), depth, "num")
             + "</section>")
 
 
