@@ -77,6 +77,7 @@ def test_summary_leads_with_universality_and_names_the_metrics_below_their_floor
     assert "linear CKA -0.08 [-0.15, -0.01]" in first and "retrieval top-1 -0.06 [-0.08, -0.02]" in first
     below = re.search(r"<span class=bad>(.*?)</span>", lead).group(1)
     assert below == "Linear CKA and retrieval top-1 do not beat their strongest floor (context/token)"
+    assert "Both clear only the weaker controls (shuffled passages, random weights)" in lead  # above the random floor
     assert "SVCCA, Procrustes R², top-k overlap (SAE) and significant-match share (SAE) beat their strongest floor" in lead
     assert "Row mask: 7 of 400 held-out anchor pairs left out (A 7, B 0)" in lead
     assert "A1: 37 of 2000 cached rows (12 massive, 25 attention sink)" in lead

@@ -175,7 +175,9 @@ def lead_sentences(la: str, lb: str, head: dict, q: float, resid: dict) -> str:
     kind = "seed-to-seed ceiling" if r.get("ceiling_kind") == "seed" else "ceiling (identical representations)"
     others = [f"{_LABEL[m]} {_u_ci(rows[m])}" for m, _ in HEADLINE if m != lead and m in rows
               and math.isfinite(_num(rows[m].get("universality")))]  # fmt: skip
-    out = (f"<b>A{la} ↔ B{lb}</b>: universality {_u_ci(r)} by {_LABEL[lead]} (0 = strongest input-sharing floor, "
+    name = {"significant_share": "significant-match share of SAE features", "topk_overlap": "top-k overlap of SAE "
+            "features"}.get(lead, _LABEL[lead])  # fmt: skip
+    out = (f"<b>A{la} ↔ B{lb}</b>: universality {_u_ci(r)} by {name} (0 = strongest input-sharing floor, "
            f"1 = {kind})" + (f"; by the other headline metrics {', '.join(others)}" if others else "") + ".")
     below = [m for m in rows if beats_floor(rows[m], q) is False]
     above = [m for m in rows if beats_floor(rows[m], q) is True]
@@ -187,8 +189,9 @@ def lead_sentences(la: str, lb: str, head: dict, q: float, resid: dict) -> str:
                 f"{'that metric' if len(below) == 1 else 'those metrics'} the two models share no more than reading the "
                 "same tokens gives.")
         if weak:
-            out += (f" {_cap(_and([_LABEL[m] for m in weak]))} {'clears' if len(weak) == 1 else 'clear'} only the weaker "
-                    "controls (shuffled passages, random weights).")
+            who = ("It clears" if len(below) == 1 else "Both clear" if len(below) == 2 else "They clear") \
+                if weak == below else f"{_cap(_and([_LABEL[m] for m in weak]))} {'clears' if len(weak) == 1 else 'clear'}"
+            out += f" {who} only the weaker controls (shuffled passages, random weights)."
     if above:
         qs = [_num(rows[m].get("q_diff_floor")) for m in above]
         qs = [v for v in qs if math.isfinite(v)]
