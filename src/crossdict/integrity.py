@@ -225,7 +225,7 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(e.errno, f"cannot create the run directory {run_dir}: {e.strerror}; choose a writable output_dir") from None
+        raise OSError(e.errno, f"cannot write to {run_dir}: {e.strerror}; choose a writable output_dir") from None
     lock = FileLock(str(run_dir / LOCK_FILE), timeout=0, thread_local=False)
     try:
         lock.acquire()
