@@ -20,6 +20,7 @@ def make_cfg(tiny_models, tmp_path, **corpus):
         "model_b": {"name": str(tiny_models["llama"]), "layers": [0, 2], "max_ctx": 40},
         "corpus": {"source": str(text), "max_passages": 60, "passage_chars": 400, **corpus},
         "extract": {"batch_size": 8, "shard_passages": 16},
+        "align": {"min_passages": 5},  # 9 of the 60 passages are held out; extraction checks the splits up front
     })
 
 

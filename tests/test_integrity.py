@@ -371,6 +371,6 @@ def test_too_few_passages_per_split_fail_before_extraction(tiny_models, tmp_path
 
     cfg = tiny_cfg(tiny_models, tmp_path, corpus={"max_passages": max_passages})
     _no_models(monkeypatch)
-    with pytest.raises(CorpusError, match=r"train split has \d+ passages?, held-out split \d+.*align\.min_passages=10"):
+    with pytest.raises(CorpusError, match=r"train split has \d+ passages?, the held-out split \d+.*align\.min_passages=10"):
         run_extract(cfg, progress=False)
     assert not (cfg.cache_dir / "shard_00000").exists()

@@ -40,7 +40,7 @@ from .cache import (
     write_shard,
 )
 from .config import RunConfig
-from .corpus import common_prefix_length, is_heldout, passages
+from .corpus import check_splits, check_text_quality, common_prefix_length, is_heldout, passages
 from .distributed import Dist, check_same_config, split_work
 from .models import check_layers
 from .integrity import CorruptFileError, problem
@@ -242,6 +242,13 @@ def _sweep_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
         f.is_file() and problem(f) is None for f in files)  # damaged: swept again
 
 
+def check_corpus(cfg: RunConfig, texts: list[str]) -> None:
+    """Refuse text that is mostly U+FFFD/control characters, and splits too small for align."""
+    check_text_quality(texts, cfg.corpus.source)
+    need = cfg.align.min_passages if (cfg.align.n_bootstrap or cfg.align.n_null) else 1
+    check_splits(texts, cfg.corpus.heldout_fraction, need, cfg.corpus.source)
+
+
 def _shards_intact(cache_dir: Path, manifest: dict, dist: Dist) -> bool:
     """Every shard of a complete cache still matches its digests; rank 0 checks (and drops the
     markers of damaged shards, so they are extracted again), the other ranks hear the answer."""
@@ -264,6 +271,7 @@ def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool, dist: 
 
     torch.manual_seed(cfg.seed)
     texts = passages(cfg.corpus)
+    check_corpus(cfg, texts)  # before any model loads: junk or too little text fails now, not after extraction
     backends = load()
     texts = truncate_to_common(texts, backends, {k: cfg.model(k).max_ctx for k in backends})
     kept = [(i, t) for i, t in enumerate(texts) if t]
