@@ -111,6 +111,19 @@ def test_atomic_writes_record_digests_and_readers_catch_zeros_and_truncation(tmp
         read_json(d / "done.json")
 
 
+def test_a_damaged_alignment_map_or_crosscoder_is_named_with_its_stage(tmp_path):
+    from crossdict.align import LinearMap
+    from crossdict.integrity import CorruptFileError
+
+    d = tmp_path / "runs" / "tiny" / "alignment" / "1_1"
+    rng = np.random.default_rng(0)
+    LinearMap("procrustes", rng.standard_normal((64, 48)).astype(np.float32), np.zeros(48, np.float32)).save(d)
+    LinearMap.load(d, "procrustes")
+    _zeros_inside(d / "procrustes.safetensors", 1024)
+    with pytest.raises(CorruptFileError, match=r"procrustes\.safetensors is corrupt.*crossdict align"):
+        LinearMap.load(d, "procrustes")
+
+
 def test_extract_reextracts_a_corrupt_or_truncated_shard_byte_identically(finished, run_copy, capsys):
     from crossdict.extract import run_extract
 
