@@ -135,6 +135,7 @@ def extract_cfg(tiny_models, root: Path, **extract) -> dict:
         "model_b": {"name": str(tiny_models["llama"]), "layers": [0, 2], "max_ctx": 40},
         "corpus": {"source": str(text), "max_passages": 60, "passage_chars": 400},
         "extract": {"batch_size": 8, "shard_passages": 16, "random_floor": True, "layer_sweep_tokens": 0, **extract},
+        "align": {"min_passages": 5},  # 9 of the 60 passages are held out; extraction checks the splits up front
     }
 
 

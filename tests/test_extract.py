@@ -20,6 +20,7 @@ def make_cfg(tiny_models, tmp_path, **corpus):
         "model_b": {"name": str(tiny_models["llama"]), "layers": [0, 2], "max_ctx": 40},
         "corpus": {"source": str(text), "max_passages": 60, "passage_chars": 400, **corpus},
         "extract": {"batch_size": 8, "shard_passages": 16},
+        "align": {"min_passages": 5},  # 9 of the 60 passages are held out; extraction checks the splits up front
     })
 
 
@@ -81,9 +82,11 @@ def test_resume_reuse_and_mismatch(tiny_models, tmp_path, capsys):
     (shard_dir(cfg.cache_dir, 2) / "done.json").unlink()
     import json
 
+    from crossdict.cache import write_manifest
+
     man = json.loads((cfg.cache_dir / "manifest.json").read_text())
     man["complete"] = False
-    (cfg.cache_dir / "manifest.json").write_text(json.dumps(man))
+    write_manifest(cfg.cache_dir, man)  # as extraction writes it (a hand edit would fail its digest)
     with pytest.raises(ValueError, match="incomplete"):
         ActivationCache(cfg.cache_dir)
     mtime0 = (shard_dir(cfg.cache_dir, 0) / "a.tokens.npy").stat().st_mtime_ns
@@ -101,7 +104,7 @@ def test_truncated_cache_file(tiny_models, tmp_path):
     run_extract(cfg, progress=False)
     f = shard_dir(cfg.cache_dir, 1) / "b.blocks.2.hook_resid_post.npy"
     f.write_bytes(f.read_bytes()[:1000])
-    with pytest.raises(ValueError, match=r"b.blocks.2.hook_resid_post.npy is unreadable \(truncated or corrupt\?\)"):
+    with pytest.raises(ValueError, match=r"b.blocks.2.hook_resid_post.npy is corrupt \(truncated: 1000 bytes"):
         ActivationCache(cfg.cache_dir).acts("b", 2)
 
 

@@ -30,6 +30,7 @@ from scipy import linalg
 
 from .metrics import Moments, cca_from_moments, cross_moments
 from .stats import MetricResult, passage_index, resample_weights, shuffled_pairing, summarise
+from .integrity import verify
 from .utils import atomic_path, atomic_write_json
 
 METHODS = ("procrustes", "svcca", "ridge")
@@ -77,6 +78,8 @@ class LinearMap:
         path = directory / f"{method}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"no fitted {method} map at {path}; run the align stage first")
+        verify(path)
+        verify(directory / f"{method}.json")
         t = load_file(str(path))
         meta = json.loads((directory / f"{method}.json").read_text())
         meta = {k: v for k, v in meta.items() if k not in ("method", "d_a", "d_b")}

@@ -37,7 +37,8 @@ from typing import Iterator, Literal
 
 import numpy as np
 
-from .utils import atomic_save_npy, atomic_write_json, load_npy, read_json
+from . import integrity
+from .utils import atomic_save_npy, atomic_write_json, load_npy, read_json, remove_file
 
 DEFAULT_MAX_NORM_RATIO = 10.0
 """`sae.max_norm_ratio`'s default: the mask rule for a cache whose manifest names none."""
@@ -104,7 +105,20 @@ def write_shard(cache_dir: Path, shard: int, data: ShardData) -> dict:
 
 
 def shard_is_done(cache_dir: Path, shard: int) -> bool:
-    return (shard_dir(cache_dir, shard) / "done.json").is_file()
+    """The shard has its `done.json` and every file in it matches its recorded digest (module
+    `integrity`). A damaged shard loses its marker here, saying which file, so extraction redoes it."""
+    d = shard_dir(cache_dir, shard)
+    if not (d / "done.json").is_file():
+        return False
+    bad = integrity.bad_files([d])
+    bad += [integrity.FileStatus(d / n, "missing (its digest is recorded, the file is gone)")
+            for n in integrity.recorded_names(d) if not (d / n).is_file()]
+    if bad:
+        print(f"[crossdict] extract: {d} is damaged, it will be extracted again: "
+              + "; ".join(f"{s.path.name} {s.status}" for s in bad))
+        remove_file(d / "done.json")
+        return False
+    return True
 
 
 class ShardedArray:
@@ -322,8 +336,9 @@ def write_row_masks(cache: "ActivationCache", ratio: float) -> dict:
     """Compute and store every cached layer's row mask and its manifest field (idempotent: a mask
     made under the same ratio is kept). Returns the manifest's `row_mask` field."""
     current = cache.manifest.get("row_mask")
+    masks = [cache.dir / ROW_MASK_DIR / f"{k}.{layer}.npy" for k in ("a", "b") for layer in cache.layers(k)]
     if current is not None and current.get("max_norm_ratio") == ratio and all(
-        (cache.dir / ROW_MASK_DIR / f"{k}.{layer}.npy").is_file() for k in ("a", "b") for layer in cache.layers(k)
+        p.is_file() and integrity.problem(p) is None for p in masks  # a damaged mask is recomputed
     ):
         return current
     field_: dict = {"rule": "norm > max_norm_ratio x median train norm, or position 0 of a model without BOS",

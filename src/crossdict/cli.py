@@ -9,7 +9,11 @@
     crossdict export    --config ... [--format saedashboard|neuronpedia] [--features a:8:12]   dashboard JSON
     crossdict run       --config ...                       all stages, skipping finished ones
     crossdict plan      --config ... [--workers 1 8]       cache size and time estimates, before running
+    crossdict verify    --config ... [--record-missing]    check every file of the run dir against its recorded digest
     crossdict stand-ins [--dir D] [--models small]          offline stand-ins of the seed's hub models (random weights)
+
+Every command that writes holds the run directory's lock (`<run_dir>/.crossdict.lock`): a second
+writer exits at once naming the first. Ctrl-C ends any command with exit code 130; rerun it to resume.
 
 Scale out: `torchrun --nproc_per_node N -m crossdict.cli extract|train --config ...` (see README).
 """
@@ -17,6 +21,7 @@ Scale out: `torchrun --nproc_per_node N -m crossdict.cli extract|train --config 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -96,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8], help="worker counts to estimate for")
     p.add_argument("--no-calibrate", action="store_true", help="sizes only: skip the timing calibration")
 
+    p = sub.add_parser("verify", help="check every file of the run dir against the digest recorded when it was written")
+    _common(p)
+    p.add_argument("--record-missing", action="store_true",
+                   help="record digests for files that have none (a run dir made before digests), as they are now")
+
     p = sub.add_parser("stand-ins", help="offline stand-ins of the seed's hub models (real tokenizers, random weights)")
     p.add_argument("--dir", help="where to build (default $CROSSDICT_STANDINS or ~/.cache/crossdict/standins)")
     p.add_argument("--models", nargs="+", help="hub names (default: all four seed models; 'small' or 'default' pair)")
@@ -131,8 +141,64 @@ def _record_config(cfg: RunConfig) -> None:
     atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
 
 
+WRITERS = ("extract", "train", "align", "transfer", "crosscode", "report", "export", "run")
+"""Commands that write into the run directory, so hold its lock (`integrity.run_lock`)."""
+
+
+def _verify(cfg: RunConfig, record_missing: bool) -> int:
+    """`crossdict verify`: every file under the run dir against its recorded digest; 1 if any is bad."""
+    from . import integrity
+
+    t0 = time.perf_counter()
+    statuses = list(integrity.scan([cfg.run_dir]))
+    if not statuses:
+        raise FileNotFoundError(f"no run directory at {cfg.run_dir}: nothing to verify")
+    ok = [s for s in statuses if s.status == "ok"]
+    missing = [s for s in statuses if s.status.startswith("missing")]
+    unrecorded = [s for s in statuses if s.status == "no digest recorded"]
+    bad = [s for s in statuses if s not in ok and s not in missing and s not in unrecorded]
+    size = sum(s.path.stat().st_size for s in ok + bad if s.path.is_file())
+    for s in bad:
+        print(f"BAD  {s.path}: {s.status}; {integrity.owner_hint(s.path)}", file=sys.stderr)
+    for s in unrecorded[:10]:
+        print(f"no digest recorded: {s.path}")
+    if len(unrecorded) > 10:
+        print(f"no digest recorded: ... and {len(unrecorded) - 10} more")
+    if unrecorded and record_missing:
+        for s in unrecorded:
+            integrity.record(s.path)
+        print(f"recorded digests for {len(unrecorded)} files as they are now (their content was not checked)")
+    elif unrecorded:
+        print("(files written before digests existed, or not by crossdict: not checked; "
+              "`crossdict verify --record-missing` records them as they are now)")
+    print(f"[crossdict] verify {cfg.run_dir}: {len(ok)} files ok, {len(bad)} bad, {len(unrecorded)} with no digest "
+          f"recorded, {len(missing)} recorded but deleted; hashed {size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
+    return 1 if bad else 0
+
+
+def _lock(cfg: RunConfig, command: str, writes: bool = False):
+    """The run dir's lock for a writing command; rank 0 only under torchrun (the ranks are one job)."""
+    from .integrity import run_lock
+
+    if not (writes or command in WRITERS) or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return run_lock(cfg.run_dir, command)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The `crossdict` command; Ctrl-C ends it with one line and exit code 130 (nothing is lost:
+    writes are atomic and every stage resumes)."""
+    command = "crossdict"
+    try:
+        args = build_parser().parse_args(argv)
+        command = f"crossdict {args.command}"
+        return _main(args)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.command == "stand-ins":  # no run config
         return _stand_ins(args)
     try:
@@ -140,13 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"crossdict: config error: {e}", file=sys.stderr)
         return 2
+    if args.command == "verify":
+        try:
+            with _lock(cfg, "verify", writes=args.record_missing):
+                return _verify(cfg, args.record_missing)
+        except (OSError, RuntimeError) as e:
+            print(f"crossdict verify: error: {e}", file=sys.stderr)
+            return 1
     progress = not args.no_progress
     finished = False
     if getattr(args, "device", None):
         cfg.device = args.device
     t0 = time.perf_counter()
     dist = None
+    held = contextlib.ExitStack()
     try:
+        held.enter_context(_lock(cfg, args.command))  # before any write; a second writer stops here, naming the first
         if args.command in ("extract", "train"):  # torchrun-aware stages: join the process group if launched so
             from .distributed import init_dist
 
@@ -215,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             from .distributed import destroy
 
             destroy(dist, finished)
+        held.close()
     if dist is None or dist.is_main:
         print(f"[crossdict] {args.command} done in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -23,6 +23,12 @@ from typing import Iterable, Iterator
 from .config import CorpusConfig
 
 MIN_PASSAGE_CHARS = 64
+MAX_BAD_CHAR_FRACTION = 0.25
+"""Refuse a corpus whose characters are more than this fraction U+FFFD (bytes that were not UTF-8)
+or control characters: random bytes give ~60%, prose in any language ~0 (a Latin-1 file read as
+UTF-8 a few %, which only warns)."""
+WARN_BAD_CHAR_FRACTION = 0.01
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ufffd]")
 _SKIP_STDLIB = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo"}
 _EXTRA_PACKAGES = ("numpy", "scipy", "torch", "transformers")
 
@@ -141,6 +147,36 @@ def passages(cfg: CorpusConfig, docs: Iterable[str] | None = None) -> list[str]:
     if not out:
         raise CorpusError(f"corpus {cfg.source!r} is empty: no passage of at least {MIN_PASSAGE_CHARS} characters")
     return out
+
+
+def check_text_quality(texts: list[str], source: str) -> None:
+    """Raise `CorpusError` (with counts) if the passages are mostly U+FFFD or control characters."""
+    total = sum(len(t) for t in texts)
+    bad = sum(len(_BAD_CHARS.findall(t)) for t in texts)
+    repl = sum(t.count("\ufffd") for t in texts)
+    frac = bad / max(1, total)
+    what = (f"{bad:,} of {total:,} characters ({100 * frac:.0f}%) are U+FFFD replacement characters ({repl:,}: bytes "
+            f"that are not UTF-8) or control characters ({bad - repl:,})")
+    if frac > MAX_BAD_CHAR_FRACTION:
+        raise CorpusError(f"corpus {source!r}: {what}, in {len(texts)} passages; this is not text (a binary file, or "
+                          "another encoding?): convert it to UTF-8 text")
+    if frac > WARN_BAD_CHAR_FRACTION:
+        print(f"[crossdict] extract: warning: corpus {source!r}: {what}; is it UTF-8?")
+
+
+def check_splits(texts: list[str], heldout_fraction: float, min_passages: int, source: str) -> tuple[int, int]:
+    """(train, held-out) passage counts; raise `CorpusError` if either has fewer than `min_passages`
+    (what align needs for its passage-resampled CIs), before any model runs."""
+    n_held = sum(is_heldout(t, heldout_fraction) for t in texts)
+    n_train = len(texts) - n_held
+    if min(n_train, n_held) < min_passages:
+        raise CorpusError(
+            f"corpus {source!r}: of {len(texts)} passages, the train split has {n_train} "
+            f"passage{'s' if n_train != 1 else ''}, the held-out split {n_held} (corpus.heldout_fraction={heldout_fraction}); "
+            f"each needs at least align.min_passages={min_passages}: add text or raise corpus.max_passages "
+            "(or lower align.min_passages)"
+        )
+    return n_train, n_held
 
 
 def is_heldout(passage: str, heldout_fraction: float) -> bool:

@@ -59,7 +59,8 @@ from .sae import _SparseDecode, _SparseEncode, load_sae
 from .sae import is_complete as sae_is_complete
 from .train import (CKPT_FORMAT, LOG_EVERY, BatchStream, Rows, _check_finite, _rows_digest, _save_checkpoint, _write_log,
                     evaluate_sae, input_scale_and_mean, lr_at, resume_state)
-from .utils import atomic_path, atomic_write_json, stable_hash
+from .integrity import verify
+from .utils import atomic_path, atomic_write_json, remove_file, stable_hash
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "crosscoder_weights.safetensors"
 CKPT_FILE, LOG_FILE, METRICS_FILE = "checkpoint.safetensors", "training_log.jsonl", "metrics.json"
@@ -284,7 +285,7 @@ def save_crosscoder(cc: Crosscoder, path: str | Path) -> Path:
     """Write `crosscoder_weights.safetensors` then `cfg.json` (last: its presence marks a complete save)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / CFG_FILE).unlink(missing_ok=True)
+    remove_file(path / CFG_FILE)
     tensors = {"b_enc": cc.b_enc.detach().float().cpu().contiguous()}
     for m, sl in enumerate(cc.slices):
         tensors[f"W_enc.{m}"] = cc.W_enc[:, sl].detach().float().cpu().contiguous()
@@ -308,6 +309,7 @@ def load_crosscoder(path: str | Path, device: str | torch.device = "cpu") -> Cro
     _expect(path.is_dir(), f"no crosscoder at {path}; train one with `crossdict crosscode --config ...`")
     for p in (cfg_path, w_path):
         _expect(p.is_file(), f"crosscoder file missing: {p} (interrupted save? retrain it)")
+        verify(p)
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -573,7 +575,7 @@ def train_crosscoder(
     cc.eval()
     save_crosscoder(cc, out_dir)
     _write_log(out_dir / LOG_FILE, log)
-    ckpt_path.unlink(missing_ok=True)
+    remove_file(ckpt_path)
     return cc
 
 

@@ -40,10 +40,11 @@ from .cache import (
     write_shard,
 )
 from .config import RunConfig
-from .corpus import common_prefix_length, is_heldout, passages
+from .corpus import check_splits, check_text_quality, common_prefix_length, is_heldout, passages
 from .distributed import Dist, check_same_config, split_work
 from .models import check_layers
-from .utils import atomic_save_npy, atomic_write_json, load_npy, read_json, resolve_device, stable_hash
+from .integrity import CorruptFileError, problem
+from .utils import atomic_save_npy, atomic_write_json, load_npy, read_json, remove_file, resolve_device, stable_hash
 
 
 def cache_key(cfg: RunConfig) -> dict:
@@ -78,7 +79,10 @@ def check_existing(cache_dir: Path, key: dict) -> dict | None:
     path = cache_dir / "manifest.json"
     if not path.exists():
         return None
-    manifest = read_json(path, "activation cache manifest")
+    try:
+        manifest = read_json(path, "activation cache manifest")
+    except CorruptFileError as e:  # without it the shards cannot be tied to a config: no automatic redo
+        raise CorruptFileError(f"{e.args[0].split(';')[0]}; delete {cache_dir} and rerun `crossdict extract`") from None
     if manifest.get("format") != CACHE_FORMAT:
         raise CacheMismatchError(f"{path} is not a crossdict activation cache; move it away or pick another run_name")
     if manifest.get("key") != key:
@@ -223,7 +227,8 @@ def _floor_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
     if not path.is_file():
         return False
     m = read_json(path, "random-floor manifest")
-    return m.get("key") == _floor_key(cfg, cache) and bool(m.get("complete"))
+    return m.get("key") == _floor_key(cfg, cache) and bool(m.get("complete")) and all(
+        [shard_is_done(path.parent, s) for s in range(int(m.get("n_shards", 0)))])  # damaged shards are redone
 
 
 def _sweep_key(cfg: RunConfig, cache: ActivationCache) -> dict:
@@ -232,7 +237,23 @@ def _sweep_key(cfg: RunConfig, cache: ActivationCache) -> dict:
 
 def _sweep_is_current(cfg: RunConfig, cache: ActivationCache) -> bool:
     path = cache.dir / LAYER_SWEEP / "sweep.json"
-    return path.is_file() and read_json(path, "layer sweep").get("key") == _sweep_key(cfg, cache)
+    files = [path.parent / f for f in ("a.npy", "b.npy", "passage_id.npy")]
+    return path.is_file() and read_json(path, "layer sweep").get("key") == _sweep_key(cfg, cache) and all(
+        f.is_file() and problem(f) is None for f in files)  # damaged: swept again
+
+
+def check_corpus(cfg: RunConfig, texts: list[str]) -> None:
+    """Refuse text that is mostly U+FFFD/control characters, and splits too small for align."""
+    check_text_quality(texts, cfg.corpus.source)
+    need = cfg.align.min_passages if (cfg.align.n_bootstrap or cfg.align.n_null) else 1
+    check_splits(texts, cfg.corpus.heldout_fraction, need, cfg.corpus.source)
+
+
+def _shards_intact(cache_dir: Path, manifest: dict, dist: Dist) -> bool:
+    """Every shard of a complete cache still matches its digests; rank 0 checks (and drops the
+    markers of damaged shards, so they are extracted again), the other ranks hear the answer."""
+    ok = all([shard_is_done(cache_dir, s) for s in range(int(manifest["n_shards"]))]) if dist.is_main else None
+    return bool(dist.broadcast_object(ok))
 
 
 def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool, dist: Dist) -> ActivationCache:
@@ -241,7 +262,7 @@ def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool, dist: 
     cache_dir = cfg.cache_dir
     key = cache_key(cfg)
     manifest = check_existing(cache_dir, key)
-    if manifest is not None and manifest.get("complete"):
+    if manifest is not None and manifest.get("complete") and _shards_intact(cache_dir, manifest, dist):
         if dist.is_main:
             print(f"[crossdict] extract: reusing complete cache {cache_dir} ({manifest['counts']['n_tokens_a']} + "
                   f"{manifest['counts']['n_tokens_b']} tokens, pairing rate {manifest['counts']['pairing_rate']:.3f})")
@@ -250,6 +271,7 @@ def _main_cache(cfg: RunConfig, load: Callable[[], dict], progress: bool, dist: 
 
     torch.manual_seed(cfg.seed)
     texts = passages(cfg.corpus)
+    check_corpus(cfg, texts)  # before any model loads: junk or too little text fails now, not after extraction
     backends = load()
     texts = truncate_to_common(texts, backends, {k: cfg.model(k).max_ctx for k in backends})
     kept = [(i, t) for i, t in enumerate(texts) if t]
@@ -388,7 +410,7 @@ def extract_random_floor(cfg: RunConfig, backends: dict[str, Backend], cache: Ac
     if old is not None and old.get("key") != key and dist.is_main:  # made for an older main cache: redo every shard
         for s in range(int(old.get("n_shards", 0))):
             marker = shard_dir(out, s) / "done.json"
-            marker.unlink(missing_ok=True)
+            remove_file(marker)
     backend = random_init_like(backends["b"], cfg.seed)
     manifest = json.loads(json.dumps(cache.manifest))
     manifest.update(key=key, complete=False)

@@ -24,7 +24,8 @@ import torch
 
 from . import __version__
 from .config import RunConfig, dump_config
-from .utils import atomic_write_json, atomic_write_text, read_json
+from .integrity import bad_files
+from .utils import atomic_write_json, atomic_write_text, read_json, remove_file
 
 
 def record_config(cfg: RunConfig) -> None:
@@ -230,6 +231,26 @@ def _flatten(d: object, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def owned_dirs(cfg: RunConfig, name: str) -> list[Path]:
+    """Directories whose files only stage `name` writes (checked against their digests before a skip)."""
+    from .extract import RANDOM_CACHE
+
+    return {"extract": [cfg.cache_dir, cfg.run_dir / RANDOM_CACHE], "train": [cfg.run_dir / "saes"],
+            "align": [cfg.run_dir / "alignment"], "crosscoder": [cfg.run_dir / "crosscoder"]}.get(name, [])
+
+
+def damaged(cfg: RunConfig, name: str) -> str | None:
+    """None if every file stage `name` owns matches its recorded digest, else why it must run again.
+
+    The stage then rewrites exactly those files: extraction redoes a damaged shard (`cache.shard_is_done`),
+    training retrains a damaged SAE (`sae.is_complete`), align and crosscode rewrite all they own."""
+    bad = bad_files(owned_dirs(cfg, name))
+    if not bad:
+        return None
+    shown = "; ".join(f"{s.path.relative_to(cfg.run_dir)} {s.status}" for s in bad[:3])
+    return f"{len(bad)} corrupt file{'s' if len(bad) > 1 else ''}: {shown}{'; ...' if len(bad) > 3 else ''}"
+
+
 def why_stale(record: dict | None, inputs: dict, outputs_digest: str | None) -> str | None:
     """None if the stage is current, else the reason it must run (naming changed keys)."""
     if record is None:
@@ -268,14 +289,14 @@ def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
         inputs = {"config": stage.config(cfg), "upstream": {u: digests[u] for u in stage.upstream}}
         path = _record_path(cfg, stage.name)
         record = read_json(path, "stage record") if path.is_file() else None
-        reason = why_stale(record, inputs, files_digest(stage.outputs(cfg)))
+        reason = damaged(cfg, stage.name) or why_stale(record, inputs, files_digest(stage.outputs(cfg)))
         if reason is None:
             print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: up to date, skipped")
             digests[stage.name] = record["outputs"]
             status[stage.name] = "skipped"
             continue
         print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: running ({reason}; {time.perf_counter() - t0:.0f} s so far)")
-        path.unlink(missing_ok=True)  # an interrupted stage must not look finished
+        remove_file(path)  # an interrupted stage must not look finished
         ts = time.perf_counter()
         stage.run(ctx)
         digests[stage.name] = files_digest(stage.outputs(cfg))

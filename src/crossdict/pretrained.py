@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import RunConfig
-from .utils import atomic_write_json
+from .utils import atomic_write_json, remove_file
 
 SOURCE_FILE = "pretrained.json"
 """Written into `RunConfig.sae_dir(key, layer)` for a pretrained SAE; `sae.load_sae` follows it."""
@@ -517,4 +517,4 @@ def clear_stale(cfg: RunConfig) -> None:
         for layer in cfg.model(key).layers:
             if (key, layer) not in pre:
                 for seed in cfg.sae.seeds:
-                    (cfg.sae_dir(key, layer, seed) / SOURCE_FILE).unlink(missing_ok=True)
+                    remove_file(cfg.sae_dir(key, layer, seed) / SOURCE_FILE)

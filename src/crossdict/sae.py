@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .utils import atomic_path, atomic_write_json
+from .integrity import verify
+from .utils import atomic_path, atomic_write_json, remove_file
 
 Architecture = Literal["topk", "batchtopk", "l1"]
 SAELENS_ARCH = {"l1": "standard", "topk": "topk", "batchtopk": "jumprelu"}
@@ -496,7 +497,7 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / EXTRA_FILE).unlink(missing_ok=True)
+    remove_file(path / EXTRA_FILE)
     with atomic_path(path / WEIGHTS_FILE) as tmp:
         save_file(sae_lens_state_dict(sae), str(tmp))
     atomic_write_json(path / CFG_FILE, sae_lens_cfg(sae))
@@ -527,6 +528,9 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg_path, w_path, x_path = path / CFG_FILE, path / WEIGHTS_FILE, path / EXTRA_FILE
     for p in (cfg_path, w_path):
         _expect(p.is_file(), f"SAE file missing: {p}")
+    for p in (cfg_path, w_path, x_path):
+        if p.is_file():
+            verify(p)  # a truncated or edited file is named, with the stage that rewrites it
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -582,11 +586,19 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SAE:
 
 
 def is_complete(path: str | Path) -> bool:
-    """All three files of a saved SAE exist (crossdict.json is written last), or a checked pretrained SAE's record."""
+    """All three files of a saved SAE exist (crossdict.json is written last) and match their recorded
+    digests, or a checked pretrained SAE's record. A damaged SAE is therefore retrained, not reused."""
+    from .integrity import problem
     from .pretrained import is_linked
 
     path = Path(path)
-    return all((path / f).is_file() for f in (CFG_FILE, WEIGHTS_FILE, EXTRA_FILE)) or is_linked(path)
+    files = [path / f for f in (CFG_FILE, WEIGHTS_FILE, EXTRA_FILE)]
+    if all(f.is_file() for f in files):
+        bad = [f"{f} ({why})" for f in files if (why := problem(f)) is not None]
+        if bad:
+            print(f"[crossdict] SAE {path} is damaged, it will be trained again: {'; '.join(bad)}")
+        return not bad
+    return is_linked(path)
 
 
 @torch.no_grad()

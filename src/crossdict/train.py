@@ -47,7 +47,8 @@ from .config import RunConfig, SAEConfig
 from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
 from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
 from .stability import live_latents, seed_stability, summary_columns
-from .utils import atomic_path, atomic_write_json, atomic_write_text, read_json, resolve_device
+from .integrity import CorruptFileError, verify
+from .utils import atomic_path, atomic_write_json, atomic_write_text, read_json, remove_file, resolve_device
 
 CKPT_FILE = "checkpoint.safetensors"
 CKPT_FORMAT = "crossdict-sae-checkpoint"
@@ -200,6 +201,10 @@ def _save_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer, since_fir
 
 def _load_checkpoint(path: Path, expect: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and check a checkpoint against `expect` (format, config, seed, data); raise CheckpointError."""
+    try:
+        verify(path)
+    except CorruptFileError as e:
+        raise CheckpointError(f"{e.args[0].split(';')[0]}; it was left in place — delete it to start over") from None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -459,7 +464,7 @@ def train_saes(
         if dist.is_main:
             save_sae(r.sae, r.out_dir)
             _write_log(r.out_dir / LOG_FILE, r.log)
-            (r.out_dir / CKPT_FILE).unlink(missing_ok=True)  # the final SAE supersedes it
+            remove_file(r.out_dir / CKPT_FILE)  # the final SAE supersedes it
     dist.barrier()
     return [r.sae for r in runs]
 

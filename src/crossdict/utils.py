@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import integrity
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -26,11 +28,39 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT/EFBIG, numpy's short write ("429440 requested and 190432 written", errno None) or
+    safetensors' Rust IoError ("No space left on device", "StorageFull")."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
+        return True
+    msg = str(e)
+    return (" requested and " in msg and " written" in msg) or "No space left" in msg or "StorageFull" in msg \
+        or "Disk quota exceeded" in msg
+
+
+def _write_error(e: BaseException, path: Path) -> OSError | None:
+    """The OSError to raise for a failed write of `path` (naming it), or None to re-raise `e` as it is."""
+    if _is_disk_full(e):
+        return OSError(errno.ENOSPC, f"disk full while writing {path} ({e}); the previous version of the file, if any, "
+                                     "is intact, and finished stages are kept: free space and rerun")
+    if isinstance(e, OSError):
+        return OSError(e.errno, f"cannot write {path}: {e.strerror or e}")
+    if type(e).__name__ == "SafetensorError":  # safetensors' own I/O errors are not OSErrors
+        return OSError(errno.EIO, f"cannot write {path}: {e}")
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    Readers therefore see either the old file or the complete new one, never half a file.
+    Readers therefore see either the old file or the complete new one, never half a file. The new
+    file's digest goes into `digests.json` beside it (`crossdict.integrity`), for readers to verify.
+    A failed write raises an OSError naming `path` ("disk full while writing ..." for ENOSPC or a
+    short write).
     """
     path = Path(path)
     try:
@@ -42,14 +72,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        digest = integrity.digest_file(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp_path, path)
+        integrity.record(path, digest)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(e.errno, f"disk full while writing {path}; the previous version of the file, if any, is "
-                                   "intact, and finished stages are kept: free space and rerun") from None
+        err = _write_error(e, path) if isinstance(e, Exception) else None
+        if err is not None:
+            raise err from None
         raise
+
+
+def remove_file(path: str | Path) -> None:
+    """Delete `path` (if it exists) and forget its recorded digest."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    integrity.forget(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -71,6 +110,7 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    integrity.verify(path)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -78,8 +118,10 @@ def read_json(path: str | Path, what: str = "file") -> Any:
 
 
 def load_npy(path: str | Path, mmap: bool = True) -> np.ndarray:
-    """Load a `.npy` array (memory-mapped by default) with a clear error if it is truncated."""
+    """Load a `.npy` array (memory-mapped by default), verified against its digest, with a clear error if it is truncated."""
     path = Path(path)
+    if path.is_file():
+        integrity.verify(path)
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
