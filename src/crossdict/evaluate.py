@@ -10,8 +10,8 @@ Outputs (all written atomically) under `runs/<name>/`:
   report/layer_cka.csv        linear CKA for every cached (layer of A, layer of B)
 
 Spaces in metrics.csv: `resid` (raw residual streams), `resid_z` (every dimension z-scored with
-train statistics, see `zscore`; alignment.csv methods with suffix `:z`), `sae` (SAE codes), `resid_random_b` / `resid_z_random_b` (A vs a
-randomly initialised B: the floor, from `runs/<name>/cache_random` when present), `sae_seed_a` /
+train statistics, see `zscore`; alignment.csv methods with suffix `:z`), `sae` (SAE codes), `resid_random_b` (A vs a
+randomly initialised B: the floor of the raw and the z-scored numbers, from `runs/<name>/cache_random` when present), `sae_seed_a` /
 `sae_seed_b` (an SAE vs the same model's SAE trained with another seed: the ceiling).
 All metrics are computed on held-out anchors; maps and matches are chosen on train anchors.
 
@@ -28,7 +28,7 @@ import csv
 import io
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -432,7 +432,8 @@ def _align_pair(
         mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
                        fitted_on="masked raw train anchors", n_masked=tr.dropped)
         mp.save(map_dir(cfg.run_dir, la, lb))
-    bar = tqdm(total=4, desc=f"align A{la}-B{lb}", leave=False, disable=not progress)
+    bar = tqdm(total=3 + len(acfg.input_floors) + (rcache is not None), desc=f"align A{la}-B{lb}", leave=False,
+               disable=not progress)
     step = lambda what: (bar.set_postfix_str(what), bar.update(1))  # noqa: E731
     rep.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb)
     rep.metrics += rows("resid", resid_metrics(tr, ho, acfg, rng))
@@ -453,30 +454,29 @@ def _align_pair(
     # floors that share the input, through the same path as the real numbers (baselines), on the same masked anchors
     floors = rep.floors.masked(cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio))
     resid_floors = {}
+    facfg = acfg if acfg.floor_nulls else replace(acfg, n_null=0)  # floors: passage resamples, optional own null
     for name in acfg.input_floors:
         fb_tr, fb_ho = floors.resid(name)
         ftr, fho = Paired(tr.xa, fb_tr, tr.pid, tr.masked, tr.dropped), Paired(ho.xa, fb_ho, ho.pid, ho.masked, ho.dropped)
         fmaps = fit_maps(ftr.xa, ftr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-        rep.alignment += _score_maps(fmaps, tr.n, fho, acfg, rng, la, lb, suffix=f":{name}_b")
-        rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, acfg, rng))
+        rep.alignment += _score_maps(fmaps, tr.n, fho, facfg, rng, la, lb, suffix=f":{name}_b")
+        rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, facfg, rng))
         resid_floors[name] = (ftr.xa, ftr.xb, fho.xa, fho.xb, fmaps["procrustes"])
+        step(f"{name} floor")
     if rcache is not None:  # floor: trained A against randomly initialised B on the same (masked) anchors
         if lb in rcache.layers("b"):
             keep_tr, keep_ho = cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio)
             rb_tr = Paired(tr.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("train")[keep_tr, 1]), tr.pid, tr.masked, tr.dropped)
             rb_ho = Paired(ho.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("heldout")[keep_ho, 1]), ho.pid, ho.masked, ho.dropped)
             floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-            rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, acfg, rng, la, lb, suffix=":random_b")
-            rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
+            rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, facfg, rng, la, lb, suffix=":random_b")
+            rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, facfg, rng))
             resid_floors["random"] = (rb_tr.xa, rb_tr.xb, rb_ho.xa, rb_ho.xb, floor_maps["procrustes"])
-            if acfg.standardized_space:  # the floor for the z-scored numbers, in the same space
-                zrb_tr, zrb_ho = zscore(rb_tr, rb_ho)
-                zfloor = fit_maps(zrb_tr.xa, zrb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-                rep.alignment += _score_maps(zfloor, tr.n, zrb_ho, acfg, rng, la, lb, suffix=":z:random_b")
-                rep.metrics += rows("resid_z_random_b", resid_metrics(zrb_tr, zrb_ho, acfg, rng))
+            # no z-scored random floor: the z-scored space is a basis-dependent variant (issue 18), its
+            # floors are the masked raw ones; it cost as much as a whole residual space per layer pair
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
-    step("random-weights floor")
+        step("random-weights floor")
 
     sae_a = _find_sae(cfg, "a", la, cache.d_model("a"))
     sae_b = _find_sae(cfg, "b", lb, cache.d_model("b"))
