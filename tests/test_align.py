@@ -340,3 +340,27 @@ def test_retrieval_null_from_one_similarity_matrix_equals_per_draw_products(rng)
     for f in ("value", "ci_low", "ci_high", "null_mean", "p_value"):
         assert getattr(fast[1], f) == getattr(slow[1], f), f
     np.testing.assert_array_equal(fast[0]["ranks"], slow[0]["ranks"])
+
+
+def test_sae_block_reuses_codes_of_a_exactly(rng):
+    """Passing A's codes from an earlier call (floors, ceilings) gives the same numbers as encoding again."""
+    from align_fixtures import random_sae
+
+    from crossdict.config import AlignConfig
+    from crossdict.evaluate import sae_block
+
+    pid_tr, pid_ho = np.repeat(np.arange(20), 30), np.repeat(np.arange(12), 30)
+    xa_tr, xa_ho = rng.standard_normal((600, 8)).astype(np.float32), rng.standard_normal((360, 8)).astype(np.float32)
+    xb_tr, xb_ho = xa_tr @ rng.standard_normal((8, 10)).astype(np.float32), xa_ho @ rng.standard_normal((8, 10)).astype(np.float32)
+    sa, sb = random_sae(8, 24, 4, 1), random_sae(10, 24, 4, 2)
+    acfg = AlignConfig(n_bootstrap=5, n_null=5, n_match_null=20, n_match_bootstrap=2, metric_max_tokens=200,
+                       pairwise_max_tokens=150, rsa_max_tokens=100, min_passages=5, min_feature_passages=2, min_feature_tokens=3)
+    keep: dict = {}
+    R = procrustes_rotation(xa_tr, xb_tr)
+    m1, _ = sae_block(sa, sb, xa_tr, xb_tr, pid_tr, xa_ho, xb_ho, pid_ho, R, acfg, np.random.default_rng(4), keep=keep)
+    m2, _ = sae_block(sa, sb, xa_tr, xb_tr, pid_tr, xa_ho, xb_ho, pid_ho, R, acfg, np.random.default_rng(4),
+                      codes_a=(keep["ctr_a"], keep["ca"]))
+    assert m1.keys() == m2.keys() and len(m1) > 5
+    for k in m1:
+        np.testing.assert_equal([getattr(m1[k], f) for f in ("value", "ci_low", "ci_high", "p_value")],
+                                [getattr(m2[k], f) for f in ("value", "ci_low", "ci_high", "p_value")])

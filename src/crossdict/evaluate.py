@@ -351,15 +351,24 @@ def sae_block(
     sae_a: Any, sae_b: Any, tr_a: np.ndarray, tr_b: np.ndarray, pid_tr: np.ndarray,
     ho_a: np.ndarray, ho_b: np.ndarray, pid_ho: np.ndarray, rotation: np.ndarray | None,
     acfg: AlignConfig, rng: np.random.Generator, strata: np.ndarray | None = None, keep: dict | None = None,
+    codes_a: tuple[Any, Any] | None = None,
 ) -> tuple[dict[str, MetricResult], dict[str, Matches]]:  # fmt: skip
     """Encode, match features (train), test matches and compute code metrics (held-out).
 
     strata `[n_ho]`: B's token id per held-out anchor (token-stratified match null); `keep`, when
-    given, receives the held-out codes ("ca", "cb") for the floors/ceilings in `baselines`.
+    given, receives the held-out codes ("ca", "cb") for the floors/ceilings in `baselines` and the
+    train codes ("ctr_a", "ctr_b") of every train row. `codes_a`: (train, held-out) codes of sae_a on
+    these rows from an earlier call (a floor or ceiling shares A's side with the real pair); used
+    only when every train row is matched on (n_train <= align.match_max_tokens), as then no
+    subsample is drawn and the codes are exactly those this call would compute.
     """
+    full = len(pid_tr) <= acfg.match_max_tokens
     sub = within_passage_subsample(pid_tr, acfg.match_max_tokens, rng)
-    ctr_a, ctr_b = _codes(sae_a, tr_a[sub]), _codes(sae_b, tr_b[sub])
-    cho_a, cho_b = _codes(sae_a, ho_a), _codes(sae_b, ho_b)
+    if codes_a is not None and full:
+        ctr_a, cho_a = codes_a
+    else:
+        ctr_a, cho_a = _codes(sae_a, tr_a[sub]), _codes(sae_a, ho_a)
+    ctr_b, cho_b = _codes(sae_b, tr_b[sub]), _codes(sae_b, ho_b)
     dec_a, dec_b = _decoder(sae_a), _decoder(sae_b)
     if rotation is not None:
         dec_a = dec_a @ rotation  # A's decoder directions expressed in B's residual basis
@@ -370,7 +379,7 @@ def sae_block(
         min_passages=acfg.min_feature_passages, min_tokens=acfg.min_feature_tokens, min_corr=acfg.match_min_corr,
     )  # fmt: skip
     if keep is not None:
-        keep.update(ca=cho_a, cb=cho_b)
+        keep.update(ca=cho_a, cb=cho_b, **({"ctr_a": ctr_a, "ctr_b": ctr_b} if full else {}))
     metrics = code_metrics(cho_a, cho_b, pid_ho, matches.get("hungarian"), acfg, rng)
     alive_a = int(np.count_nonzero(np.asarray((cho_a > 0).sum(0)).ravel()))
     metrics.update(match_summary(matches, cho_a.shape[1], alive_a, acfg.q_threshold))
@@ -493,13 +502,17 @@ def _align_pair(
         for name in acfg.input_floors:  # B's SAE replaced by a token-identity encoder, same sae_block
             tok_sae, ids_tr, ids_ho = floors.codes(name)
             fkeep: dict = {}
-            fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep)
+            fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep,
+                                   codes_a=(keep["ctr_a"], keep["ca"]) if "ctr_a" in keep else None)
             rep.metrics += rows(f"sae_{name}_b", fm)
             code_floors[name] = baselines.CodePair(fkeep["ca"], fkeep["cb"], fmatch.get("hungarian"))
 
     for key, layer, x_tr, x_ho in (("a", la, tr.xa, ho.xa), ("b", lb, tr.xb, ho.xb)):
         # per layer pair: the ceiling must see the same masked held-out rows as the cross-model number
-        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb))
+        base = None  # the seed-0 SAE's codes on these rows, from the real pair
+        if sae_a is not None and sae_b is not None and "ctr_a" in keep:
+            base = (keep["ctr_a"], keep["ca"]) if key == "a" else (keep["ctr_b"], keep["cb"])
+        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb), base)
     step("SAE codes and matches")
     bar.close()
 
@@ -513,7 +526,7 @@ def _align_pair(
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
                   x_ho: np.ndarray, pid_ho: np.ndarray, rng: np.random.Generator, rep: Report,
-                  strata: np.ndarray, pair: tuple[int, int]) -> None:  # fmt: skip
+                  strata: np.ndarray, pair: tuple[int, int], base_codes: tuple[Any, Any] | None = None) -> None:  # fmt: skip
     """Ceiling: the same model's SAEs from two seeds, matched exactly like the cross-model pair."""
     if len(cfg.sae.seeds) < 2 or not cfg.sae_dir(key, layer).exists():
         return
@@ -523,7 +536,7 @@ def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, 
     base = _find_sae(cfg, key, layer, cache.d_model(key))
     keep: dict = {}
     metrics, matches = sae_block(base, other, x_tr, x_tr, pid_tr, x_ho, x_ho, pid_ho, None, cfg.align, rng,
-                                 strata, keep)  # fmt: skip
+                                 strata, keep, codes_a=base_codes)  # fmt: skip
     rep.ceilings[(key, layer, *pair)] = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
     if (key, layer) in rep.ceilings_done:  # a layer in several pairs: its seed rows are written once
         return
