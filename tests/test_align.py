@@ -192,11 +192,16 @@ def toy_run(tmp_path, monkeypatch):
     return cfg, saes
 
 
-def test_run_align_end_to_end(toy_run, caplog):
+def test_run_align_end_to_end(toy_run, caplog, capsys):
     cfg, _ = toy_run
     write_synthetic_cache(cfg.run_dir / "cache_random", random_b=True, seed=7)
     with caplog.at_level(logging.INFO):
         run_align(cfg)
+    err = capsys.readouterr().err  # progress names each resampling loop while it runs (issue 14 item 4)
+    for what in ("masked raw: linear_cka / debiased_cka", "masked raw: ridge R² and retrieval", "token floor: svcca",
+                 "random-weights floor", "SAE codes and matches: feature matching", "seed ceiling of A1",
+                 "SAE-code debiased_cka", "joint passage resamples"):
+        assert what in err, what
     rep = cfg.report_dir
 
     cols, rows = _read(rep / "metrics.csv")

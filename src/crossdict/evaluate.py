@@ -266,9 +266,15 @@ def _plain(value: float) -> MetricResult:
     return MetricResult(value, math.nan, math.nan, math.nan, math.nan)
 
 
+_status: Callable[[str], None] = lambda what: None
+"""Progress hook: `_align_pair` points it at its bar, so every resampling loop (each metric's CI and
+null, each map's R²/retrieval, matching nulls, code metrics) shows its name while it runs."""
+
+
 def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator,
         what: str = "a metric") -> Any:  # fmt: skip
     """`stats.with_ci` with the run's resampling settings; fewer than align.min_passages passages is an error naming `what`."""
+    _status(what)
     return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=acfg.min_passages,
                    ci=acfg.ci_method, what=f"{what} (passage-resampling CI and shuffled-pairing null; align.min_passages)")
 
@@ -372,6 +378,7 @@ def sae_block(
     dec_a, dec_b = _decoder(sae_a), _decoder(sae_b)
     if rotation is not None:
         dec_a = dec_a @ rotation  # A's decoder directions expressed in B's residual basis
+    _status("feature matching (train) and match nulls (held-out)")
     matches = match_features(
         ctr_a, ctr_b, pid_tr[sub], cho_a, cho_b, pid_ho, dec_a, dec_b,
         n_null=acfg.n_match_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng,
@@ -392,6 +399,7 @@ def _score_maps(
 ) -> list[dict]:
     rows = []
     for name, mp in maps.items():
+        _status(f"{name}{suffix} R² and retrieval")
         y_hat = mp.transform(ho.xa)
         if acfg.n_bootstrap or acfg.n_null:
             require_passages(ho.n_passages, acfg.min_passages, f"{name}{suffix} R² and retrieval (align.min_passages)")
@@ -441,12 +449,19 @@ def _align_pair(
         mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
                        fitted_on="masked raw train anchors", n_masked=tr.dropped)
         mp.save(map_dir(cfg.run_dir, la, lb))
-    bar = tqdm(total=3 + len(acfg.input_floors) + (rcache is not None), desc=f"align A{la}-B{lb}", leave=False,
+    bar = tqdm(total=4 + len(acfg.input_floors) + (rcache is not None), desc=f"align A{la}-B{lb}", leave=False,
                disable=not progress)
-    step = lambda what: (bar.set_postfix_str(what), bar.update(1))  # noqa: E731
+    phase = ["masked raw"]
+
+    def step(then: str) -> None:  # one section done; `then` names the next one in the bar
+        bar.update(1)
+        phase[0] = then
+
+    global _status
+    _status = lambda what: bar.set_postfix_str(f"{phase[0]}: {what}", refresh=True)  # noqa: E731
     rep.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb)
     rep.metrics += rows("resid", resid_metrics(tr, ho, acfg, rng))
-    step("masked raw")
+    step("z-scored (basis-dependent)" if acfg.standardized_space else "floors")
     if acfg.standardized_space:  # basis-dependent variant, labelled as such (see `zscore`)
         ztr, zho = zscore(tr, ho)
         zmaps = fit_maps(ztr.xa, ztr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
@@ -458,21 +473,23 @@ def _align_pair(
                             basis_dependent=True, n_masked=tr.dropped)
             raw.save(map_dir(cfg.run_dir, la, lb))
         rep.metrics += rows("resid_z", resid_metrics(ztr, zho, acfg, rng))
-    step("z-scored (basis-dependent)")
+    step("floors")
 
     # floors that share the input, through the same path as the real numbers (baselines), on the same masked anchors
     floors = rep.floors.masked(cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio))
     resid_floors = {}
     facfg = acfg if acfg.floor_nulls else replace(acfg, n_null=0)  # floors: passage resamples, optional own null
     for name in acfg.input_floors:
+        phase[0] = f"{name} floor"
         fb_tr, fb_ho = floors.resid(name)
         ftr, fho = Paired(tr.xa, fb_tr, tr.pid, tr.masked, tr.dropped), Paired(ho.xa, fb_ho, ho.pid, ho.masked, ho.dropped)
         fmaps = fit_maps(ftr.xa, ftr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
         rep.alignment += _score_maps(fmaps, tr.n, fho, facfg, rng, la, lb, suffix=f":{name}_b")
         rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, facfg, rng))
         resid_floors[name] = (ftr.xa, ftr.xb, fho.xa, fho.xb, fmaps["procrustes"])
-        step(f"{name} floor")
+        step("floors")
     if rcache is not None:  # floor: trained A against randomly initialised B on the same (masked) anchors
+        phase[0] = "random-weights floor"
         if lb in rcache.layers("b"):
             keep_tr, keep_ho = cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio)
             rb_tr = Paired(tr.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("train")[keep_tr, 1]), tr.pid, tr.masked, tr.dropped)
@@ -485,7 +502,7 @@ def _align_pair(
             # floors are the masked raw ones; it cost as much as a whole residual space per layer pair
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
-        step("random-weights floor")
+        step("SAE codes and matches")
 
     sae_a = _find_sae(cfg, "a", la, cache.d_model("a"))
     sae_b = _find_sae(cfg, "b", lb, cache.d_model("b"))
@@ -500,6 +517,7 @@ def _align_pair(
         real = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
         code_floors = {}
         for name in acfg.input_floors:  # B's SAE replaced by a token-identity encoder, same sae_block
+            phase[0] = f"SAE codes vs {name} floor"
             tok_sae, ids_tr, ids_ho = floors.codes(name)
             fkeep: dict = {}
             fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep,
@@ -509,19 +527,24 @@ def _align_pair(
 
     for key, layer, x_tr, x_ho in (("a", la, tr.xa, ho.xa), ("b", lb, tr.xb, ho.xb)):
         # per layer pair: the ceiling must see the same masked held-out rows as the cross-model number
+        phase[0] = f"seed ceiling of {key.upper()}{layer}"
         base = None  # the seed-0 SAE's codes on these rows, from the real pair
         if sae_a is not None and sae_b is not None and "ctr_a" in keep:
             base = (keep["ctr_a"], keep["ca"]) if key == "a" else (keep["ctr_b"], keep["cb"])
         _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb), base)
-    step("SAE codes and matches")
-    bar.close()
+    step("universality rows")
 
     # universality = (cross − floor) / (ceiling − floor), jointly passage-resampled (baselines)
+    _status("residual metrics, joint passage resamples")
     rep.metrics += baselines.resid_rows(la, lb, (tr.xa, tr.xb, ho.xa, ho.xb, maps["procrustes"]), resid_floors, acfg, rng, ho.pid)
     if sae_a is not None and sae_b is not None:
+        _status("SAE metrics, joint passage resamples")
         ceils = [rep.ceilings[k] for k in (("a", la, la, lb), ("b", lb, la, lb)) if k in rep.ceilings]
         tok_codes = floors.codes("token")[0].encode_csr(floors.tok_ho[:, None])
         rep.metrics += baselines.code_rows(la, lb, real, code_floors, ceils, tok_codes, acfg, rng, ho.pid)
+    bar.update(1)
+    bar.close()
+    _status = lambda what: None  # noqa: E731
 
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
