@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -63,9 +65,12 @@ def main() -> None:
         from crossdict.config import load_config
 
         run_dir = load_config(a.run).run_dir
-        t = time.perf_counter()
+        t, load0 = time.perf_counter(), os.getloadavg()[0]
         subprocess.run([sys.executable, "-m", "crossdict.cli", "run", "--config", a.run], check=True)
         totals[str(run_dir)] = time.perf_counter() - t
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # the machine is shared: CPU time says more than wall
+        print(f"whole run: {totals[str(run_dir)]:.1f} s wall, {ru.ru_utime + ru.ru_stime:.1f} s CPU (user+sys); "
+              f"load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
         runs[str(run_dir)] = stage_seconds(run_dir)
     for d in a.run_dirs:
         runs[d] = stage_seconds(d)

@@ -141,3 +141,16 @@ def test_random_floor_and_layer_sweep(tiny_models, tmp_path, capsys):
     capsys.readouterr()
     run_extract(cfg, progress=False)
     assert "loaded" not in capsys.readouterr().out
+
+
+def test_one_extract_loads_each_model_once(tiny_models, tmp_path, monkeypatch):
+    """Main cache, random floor and sweep share one load (issue 14/15: it used to load both models twice)."""
+    import crossdict.extract as ex
+
+    calls = []
+    real = ex.load_backends
+    monkeypatch.setattr(ex, "load_backends", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = make_cfg(tiny_models, tmp_path)
+    run_extract(cfg, progress=False)
+    assert (cfg.run_dir / ex.RANDOM_CACHE / "manifest.json").is_file() and (cfg.cache_dir / ex.LAYER_SWEEP).is_dir()
+    assert len(calls) == 1

@@ -315,3 +315,28 @@ def test_heldout_cca_removes_overfitting(rng):
     h = M.HeldoutCCA.fit(X2[: 2 * n], Y2[: 2 * n], keep=1.0)
     U, V = h.variates(X2[2 * n :], Y2[2 * n :])
     assert M.columnwise_corr(U, V)[0] == pytest.approx(0.8, abs=0.05)
+
+
+def test_pairwise_kernels_equal_the_direct_formulas(rng):
+    """The expanded-trace forms of cka_pairwise / debiased_cka_pairwise (no centred copies) give the
+    numbers of the direct formulas (double-centre, zero the diagonal) on resampled sub-matrices."""
+
+    def cka_direct(K, L):
+        Kc, Lc = M._double_center(K), M._double_center(L)
+        den = np.linalg.norm(Kc) * np.linalg.norm(Lc)
+        return float(np.sum(Kc * Lc) / den) if den > 0 else float("nan")
+
+    def dcka_direct(K, L):
+        h = M._hsic_unbiased_gram
+        return h(K, L) / np.sqrt(h(K, K) * h(L, L))
+
+    X, Y = related(rng, n=300)
+    Xs = sparse.csr_matrix(np.maximum(X - 2, 0))
+    for Ka, Kb in ((M.linear_gram(X), M.linear_gram(Y)), (M.rbf_gram(X), M.rbf_gram(Y)), (M.linear_gram(Xs), M.linear_gram(Y))):
+        for rows in (np.arange(300), np.sort(rng.choice(300, 140, replace=False)), rng.integers(0, 300, 300)):
+            P, Q = Ka[rows], Kb[rows]
+            assert M.cka_pairwise(P, Q) == pytest.approx(cka_direct(P.M, Q.M), rel=1e-10, abs=1e-12)
+            if Ka.M is not None and (P.M == P.M.T).all():
+                assert M.debiased_cka_pairwise(P, Q) == pytest.approx(dcka_direct(P.M, Q.M), rel=1e-9, abs=1e-12)
+    const = M.Pairwise(np.full((50, 50), 3.0))
+    assert np.isnan(M.cka_pairwise(const, M.linear_gram(X[:50]))) and np.isnan(cka_direct(const.M, M.linear_gram(X[:50]).M))

@@ -141,6 +141,11 @@ class AlignConfig:
     """Also test each match against the null that re-pairs anchors within B's token id (see `matching`)."""
     input_floors: list[str] = field(default_factory=lambda: ["token", "context"])
     """Floors that share the input (see `baselines`): B replaced by its token id / token + previous token."""
+    floor_nulls: bool = True
+    """Also draw the shuffled-pairing null of each floor's own residual numbers (alignment.csv `:<floor>_b`
+    rows, metrics.csv `resid_<floor>_b`: null_mean, p_value). The floors are the reference of the real
+    number (paired test, universality), which needs only their passage resamples; false halves their cost.
+    Feature-match nulls of the code floors are always drawn (significant-match counts need them)."""
     retrieval_queries: int = 5000
     layer_cka_max_tokens: int = 20_000
     min_passages: int = 10

@@ -10,8 +10,8 @@ Outputs (all written atomically) under `runs/<name>/`:
   report/layer_cka.csv        linear CKA for every cached (layer of A, layer of B)
 
 Spaces in metrics.csv: `resid` (raw residual streams), `resid_z` (every dimension z-scored with
-train statistics, see `zscore`; alignment.csv methods with suffix `:z`), `sae` (SAE codes), `resid_random_b` / `resid_z_random_b` (A vs a
-randomly initialised B: the floor, from `runs/<name>/cache_random` when present), `sae_seed_a` /
+train statistics, see `zscore`; alignment.csv methods with suffix `:z`), `sae` (SAE codes), `resid_random_b` (A vs a
+randomly initialised B: the floor of the raw and the z-scored numbers, from `runs/<name>/cache_random` when present), `sae_seed_a` /
 `sae_seed_b` (an SAE vs the same model's SAE trained with another seed: the ceiling).
 All metrics are computed on held-out anchors; maps and matches are chosen on train anchors.
 
@@ -28,7 +28,7 @@ import csv
 import io
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -266,9 +266,15 @@ def _plain(value: float) -> MetricResult:
     return MetricResult(value, math.nan, math.nan, math.nan, math.nan)
 
 
+_status: Callable[[str], None] = lambda what: None
+"""Progress hook: `_align_pair` points it at its bar, so every resampling loop (each metric's CI and
+null, each map's R²/retrieval, matching nulls, code metrics) shows its name while it runs."""
+
+
 def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator,
         what: str = "a metric") -> Any:  # fmt: skip
     """`stats.with_ci` with the run's resampling settings; fewer than align.min_passages passages is an error naming `what`."""
+    _status(what)
     return with_ci(fn, A, B, pid, acfg.n_bootstrap, acfg.n_null, rng, min_passages=acfg.min_passages,
                    ci=acfg.ci_method, what=f"{what} (passage-resampling CI and shuffled-pairing null; align.min_passages)")
 
@@ -351,18 +357,28 @@ def sae_block(
     sae_a: Any, sae_b: Any, tr_a: np.ndarray, tr_b: np.ndarray, pid_tr: np.ndarray,
     ho_a: np.ndarray, ho_b: np.ndarray, pid_ho: np.ndarray, rotation: np.ndarray | None,
     acfg: AlignConfig, rng: np.random.Generator, strata: np.ndarray | None = None, keep: dict | None = None,
+    codes_a: tuple[Any, Any] | None = None,
 ) -> tuple[dict[str, MetricResult], dict[str, Matches]]:  # fmt: skip
     """Encode, match features (train), test matches and compute code metrics (held-out).
 
     strata `[n_ho]`: B's token id per held-out anchor (token-stratified match null); `keep`, when
-    given, receives the held-out codes ("ca", "cb") for the floors/ceilings in `baselines`.
+    given, receives the held-out codes ("ca", "cb") for the floors/ceilings in `baselines` and the
+    train codes ("ctr_a", "ctr_b") of every train row. `codes_a`: (train, held-out) codes of sae_a on
+    these rows from an earlier call (a floor or ceiling shares A's side with the real pair); used
+    only when every train row is matched on (n_train <= align.match_max_tokens), as then no
+    subsample is drawn and the codes are exactly those this call would compute.
     """
+    full = len(pid_tr) <= acfg.match_max_tokens
     sub = within_passage_subsample(pid_tr, acfg.match_max_tokens, rng)
-    ctr_a, ctr_b = _codes(sae_a, tr_a[sub]), _codes(sae_b, tr_b[sub])
-    cho_a, cho_b = _codes(sae_a, ho_a), _codes(sae_b, ho_b)
+    if codes_a is not None and full:
+        ctr_a, cho_a = codes_a
+    else:
+        ctr_a, cho_a = _codes(sae_a, tr_a[sub]), _codes(sae_a, ho_a)
+    ctr_b, cho_b = _codes(sae_b, tr_b[sub]), _codes(sae_b, ho_b)
     dec_a, dec_b = _decoder(sae_a), _decoder(sae_b)
     if rotation is not None:
         dec_a = dec_a @ rotation  # A's decoder directions expressed in B's residual basis
+    _status("feature matching (train) and match nulls (held-out)")
     matches = match_features(
         ctr_a, ctr_b, pid_tr[sub], cho_a, cho_b, pid_ho, dec_a, dec_b,
         n_null=acfg.n_match_null, n_boot=acfg.n_match_bootstrap, pvalue=acfg.match_pvalue, rng=rng,
@@ -370,7 +386,7 @@ def sae_block(
         min_passages=acfg.min_feature_passages, min_tokens=acfg.min_feature_tokens, min_corr=acfg.match_min_corr,
     )  # fmt: skip
     if keep is not None:
-        keep.update(ca=cho_a, cb=cho_b)
+        keep.update(ca=cho_a, cb=cho_b, **({"ctr_a": ctr_a, "ctr_b": ctr_b} if full else {}))
     metrics = code_metrics(cho_a, cho_b, pid_ho, matches.get("hungarian"), acfg, rng)
     alive_a = int(np.count_nonzero(np.asarray((cho_a > 0).sum(0)).ravel()))
     metrics.update(match_summary(matches, cho_a.shape[1], alive_a, acfg.q_threshold))
@@ -383,6 +399,7 @@ def _score_maps(
 ) -> list[dict]:
     rows = []
     for name, mp in maps.items():
+        _status(f"{name}{suffix} R² and retrieval")
         y_hat = mp.transform(ho.xa)
         if acfg.n_bootstrap or acfg.n_null:
             require_passages(ho.n_passages, acfg.min_passages, f"{name}{suffix} R² and retrieval (align.min_passages)")
@@ -432,11 +449,19 @@ def _align_pair(
         mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
                        fitted_on="masked raw train anchors", n_masked=tr.dropped)
         mp.save(map_dir(cfg.run_dir, la, lb))
-    bar = tqdm(total=4, desc=f"align A{la}-B{lb}", leave=False, disable=not progress)
-    step = lambda what: (bar.set_postfix_str(what), bar.update(1))  # noqa: E731
+    bar = tqdm(total=4 + len(acfg.input_floors) + (rcache is not None), desc=f"align A{la}-B{lb}", leave=False,
+               disable=not progress)
+    phase = ["masked raw"]
+
+    def step(then: str) -> None:  # one section done; `then` names the next one in the bar
+        bar.update(1)
+        phase[0] = then
+
+    global _status
+    _status = lambda what: bar.set_postfix_str(f"{phase[0]}: {what}", refresh=True)  # noqa: E731
     rep.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb)
     rep.metrics += rows("resid", resid_metrics(tr, ho, acfg, rng))
-    step("masked raw")
+    step("z-scored (basis-dependent)" if acfg.standardized_space else "floors")
     if acfg.standardized_space:  # basis-dependent variant, labelled as such (see `zscore`)
         ztr, zho = zscore(tr, ho)
         zmaps = fit_maps(ztr.xa, ztr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
@@ -448,35 +473,36 @@ def _align_pair(
                             basis_dependent=True, n_masked=tr.dropped)
             raw.save(map_dir(cfg.run_dir, la, lb))
         rep.metrics += rows("resid_z", resid_metrics(ztr, zho, acfg, rng))
-    step("z-scored (basis-dependent)")
+    step("floors")
 
     # floors that share the input, through the same path as the real numbers (baselines), on the same masked anchors
     floors = rep.floors.masked(cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio))
     resid_floors = {}
+    facfg = acfg if acfg.floor_nulls else replace(acfg, n_null=0)  # floors: passage resamples, optional own null
     for name in acfg.input_floors:
+        phase[0] = f"{name} floor"
         fb_tr, fb_ho = floors.resid(name)
         ftr, fho = Paired(tr.xa, fb_tr, tr.pid, tr.masked, tr.dropped), Paired(ho.xa, fb_ho, ho.pid, ho.masked, ho.dropped)
         fmaps = fit_maps(ftr.xa, ftr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-        rep.alignment += _score_maps(fmaps, tr.n, fho, acfg, rng, la, lb, suffix=f":{name}_b")
-        rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, acfg, rng))
+        rep.alignment += _score_maps(fmaps, tr.n, fho, facfg, rng, la, lb, suffix=f":{name}_b")
+        rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, facfg, rng))
         resid_floors[name] = (ftr.xa, ftr.xb, fho.xa, fho.xb, fmaps["procrustes"])
+        step("floors")
     if rcache is not None:  # floor: trained A against randomly initialised B on the same (masked) anchors
+        phase[0] = "random-weights floor"
         if lb in rcache.layers("b"):
             keep_tr, keep_ho = cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio)
             rb_tr = Paired(tr.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("train")[keep_tr, 1]), tr.pid, tr.masked, tr.dropped)
             rb_ho = Paired(ho.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("heldout")[keep_ho, 1]), ho.pid, ho.masked, ho.dropped)
             floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-            rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, acfg, rng, la, lb, suffix=":random_b")
-            rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, acfg, rng))
+            rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, facfg, rng, la, lb, suffix=":random_b")
+            rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, facfg, rng))
             resid_floors["random"] = (rb_tr.xa, rb_tr.xb, rb_ho.xa, rb_ho.xb, floor_maps["procrustes"])
-            if acfg.standardized_space:  # the floor for the z-scored numbers, in the same space
-                zrb_tr, zrb_ho = zscore(rb_tr, rb_ho)
-                zfloor = fit_maps(zrb_tr.xa, zrb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-                rep.alignment += _score_maps(zfloor, tr.n, zrb_ho, acfg, rng, la, lb, suffix=":z:random_b")
-                rep.metrics += rows("resid_z_random_b", resid_metrics(zrb_tr, zrb_ho, acfg, rng))
+            # no z-scored random floor: the z-scored space is a basis-dependent variant (issue 18), its
+            # floors are the masked raw ones; it cost as much as a whole residual space per layer pair
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
-    step("random-weights floor")
+        step("SAE codes and matches")
 
     sae_a = _find_sae(cfg, "a", la, cache.d_model("a"))
     sae_b = _find_sae(cfg, "b", lb, cache.d_model("b"))
@@ -491,29 +517,39 @@ def _align_pair(
         real = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
         code_floors = {}
         for name in acfg.input_floors:  # B's SAE replaced by a token-identity encoder, same sae_block
+            phase[0] = f"SAE codes vs {name} floor"
             tok_sae, ids_tr, ids_ho = floors.codes(name)
             fkeep: dict = {}
-            fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep)
+            fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep,
+                                   codes_a=(keep["ctr_a"], keep["ca"]) if "ctr_a" in keep else None)
             rep.metrics += rows(f"sae_{name}_b", fm)
             code_floors[name] = baselines.CodePair(fkeep["ca"], fkeep["cb"], fmatch.get("hungarian"))
 
     for key, layer, x_tr, x_ho in (("a", la, tr.xa, ho.xa), ("b", lb, tr.xb, ho.xb)):
         # per layer pair: the ceiling must see the same masked held-out rows as the cross-model number
-        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb))
-    step("SAE codes and matches")
-    bar.close()
+        phase[0] = f"seed ceiling of {key.upper()}{layer}"
+        base = None  # the seed-0 SAE's codes on these rows, from the real pair
+        if sae_a is not None and sae_b is not None and "ctr_a" in keep:
+            base = (keep["ctr_a"], keep["ca"]) if key == "a" else (keep["ctr_b"], keep["cb"])
+        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb), base)
+    step("universality rows")
 
     # universality = (cross − floor) / (ceiling − floor), jointly passage-resampled (baselines)
+    _status("residual metrics, joint passage resamples")
     rep.metrics += baselines.resid_rows(la, lb, (tr.xa, tr.xb, ho.xa, ho.xb, maps["procrustes"]), resid_floors, acfg, rng, ho.pid)
     if sae_a is not None and sae_b is not None:
+        _status("SAE metrics, joint passage resamples")
         ceils = [rep.ceilings[k] for k in (("a", la, la, lb), ("b", lb, la, lb)) if k in rep.ceilings]
         tok_codes = floors.codes("token")[0].encode_csr(floors.tok_ho[:, None])
         rep.metrics += baselines.code_rows(la, lb, real, code_floors, ceils, tok_codes, acfg, rng, ho.pid)
+    bar.update(1)
+    bar.close()
+    _status = lambda what: None  # noqa: E731
 
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
                   x_ho: np.ndarray, pid_ho: np.ndarray, rng: np.random.Generator, rep: Report,
-                  strata: np.ndarray, pair: tuple[int, int]) -> None:  # fmt: skip
+                  strata: np.ndarray, pair: tuple[int, int], base_codes: tuple[Any, Any] | None = None) -> None:  # fmt: skip
     """Ceiling: the same model's SAEs from two seeds, matched exactly like the cross-model pair."""
     if len(cfg.sae.seeds) < 2 or not cfg.sae_dir(key, layer).exists():
         return
@@ -523,7 +559,7 @@ def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, 
     base = _find_sae(cfg, key, layer, cache.d_model(key))
     keep: dict = {}
     metrics, matches = sae_block(base, other, x_tr, x_tr, pid_tr, x_ho, x_ho, pid_ho, None, cfg.align, rng,
-                                 strata, keep)  # fmt: skip
+                                 strata, keep, codes_a=base_codes)  # fmt: skip
     rep.ceilings[(key, layer, *pair)] = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
     if (key, layer) in rep.ceilings_done:  # a layer in several pairs: its seed rows are written once
         return

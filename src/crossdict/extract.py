@@ -192,7 +192,7 @@ def run_extract(cfg: RunConfig, backends: dict[str, Backend] | Callable[[], dict
     dist = dist or Dist(device=resolve_device(cfg.device))
     if dist.enabled:
         check_same_config(dist, cfg.to_dict())
-    load = backends if callable(backends) else (lambda: backends or load_backends(cfg, dist.device))
+    load = _once(backends if callable(backends) else (lambda: backends or load_backends(cfg, dist.device)))
     cache = _main_cache(cfg, load, progress, dist)
     if dist.is_main:  # the rows every later stage leaves out (cache.py, "Row mask"); seconds, idempotent
         _report_masks(write_row_masks(cache, cfg.sae.max_norm_ratio))
@@ -209,6 +209,13 @@ def run_extract(cfg: RunConfig, backends: dict[str, Backend] | Callable[[], dict
         extract_layer_sweep(cfg, backends, cache)
     dist.barrier()
     return cache
+
+
+def _once(load: Callable[[], dict]) -> Callable[[], dict]:
+    """`load` called at most once: the main cache, the random floor and the sweep share one load of
+    both models (each load of the two packaged models costs ~10 s of CPU and their memory)."""
+    got: list[dict] = []
+    return lambda: got[0] if got else (got.append(load()) or got[0])
 
 
 def _report_masks(field_: dict) -> None:

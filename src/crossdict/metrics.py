@@ -455,7 +455,8 @@ class Pairwise:
         return self.M.shape[0]
 
     def __getitem__(self, rows: np.ndarray) -> "Pairwise":
-        return Pairwise(self.M[np.ix_(rows, rows)], self.ids[rows])
+        # two axis-wise takes: ~2-3x faster than M[np.ix_(rows, rows)] (one 2-D fancy index), same entries
+        return Pairwise(self.M.take(rows, 0).take(rows, 1), self.ids[rows])
 
 
 def linear_gram(X: Any) -> Pairwise:
@@ -487,18 +488,49 @@ def _double_center(K: np.ndarray) -> np.ndarray:
     return K - K.mean(0) - K.mean(1)[:, None] + K.mean()
 
 
+def _centered_inner(K: np.ndarray, L: np.ndarray, kr: np.ndarray, lr: np.ndarray) -> float:
+    """⟨HKH, HLH⟩_F for symmetric K, L `[n, n]` with row sums kr, lr, without forming HKH:
+    tr(KL) − (2/n)·1ᵀKL1 + (1ᵀK1)(1ᵀL1)/n² (H idempotent, K and L symmetric)."""
+    n = K.shape[0]
+    return float(np.vdot(K, L) - 2.0 / n * (kr @ lr) + kr.sum() * lr.sum() / n**2)
+
+
 def cka_pairwise(K: Pairwise, L: Pairwise) -> float:
-    """CKA = ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) for any kernel (linear or RBF) Gram matrices."""
-    Kc, Lc = _double_center(K.M), _double_center(L.M)
-    den = np.linalg.norm(Kc) * np.linalg.norm(Lc)
-    return float(np.sum(Kc * Lc) / den) if den > 0 else float("nan")
+    """CKA = ⟨HKH, HLH⟩ / (‖HKH‖ ‖HLH‖) for any kernel (linear or RBF) Gram matrices.
+
+    Computed from three Frobenius inner products and the row sums (`_centered_inner`): every
+    passage resample calls this, and the double-centred copies cost 3x the time (same value to
+    float64 rounding as centring first, `test_pairwise_kernels_equal_the_direct_formulas`)."""
+    Km, Lm = np.asarray(K.M, np.float64), np.asarray(L.M, np.float64)
+    kr, lr = Km.sum(1), Lm.sum(1)
+    kk, ll = _centered_inner(Km, Km, kr, kr), _centered_inner(Lm, Lm, lr, lr)
+    # a constant kernel centres to exactly 0; the expanded form leaves rounding dust of ~1e-16·‖K‖²
+    tol = 1e-12
+    if kk <= tol * max(float(np.vdot(Km, Km)), 1e-300) or ll <= tol * max(float(np.vdot(Lm, Lm)), 1e-300):
+        return float("nan")
+    return _centered_inner(Km, Lm, kr, lr) / float(np.sqrt(kk) * np.sqrt(ll))
+
+
+def _hsic_unbiased_three(K: np.ndarray, L: np.ndarray) -> tuple[float, float, float]:
+    """Unbiased HSIC (Song et al. 2012, eq. 5) of (K, L), (K, K), (L, L) without zero-diagonal copies:
+    with K̃ = K − diag(K), tr(K̃L̃) = ⟨K, L⟩ − Σ K_ii L_ii and K̃1 = K1 − diag(K)."""
+    n = K.shape[0]
+    dk, dl = np.diagonal(K), np.diagonal(L)
+    ok, ol = K.sum(0) - dk, L.sum(0) - dl
+    sk, sl = ok.sum(), ol.sum()
+
+    def h(t1: float, sa: float, sb: float, ab: float) -> float:
+        return float((t1 + sa * sb / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * ab) / (n * (n - 3)))
+
+    return (h(np.vdot(K, L) - dk @ dl, sk, sl, ok @ ol), h(np.vdot(K, K) - dk @ dk, sk, sk, ok @ ok),
+            h(np.vdot(L, L) - dl @ dl, sl, sl, ol @ ol))  # fmt: skip
 
 
 def debiased_cka_pairwise(K: Pairwise, L: Pairwise) -> float:
     """Debiased CKA from linear Gram matrices (unbiased HSIC, Song et al. 2012)."""
     if len(K) < 4:
         return float("nan")
-    hxy, hxx, hyy = _hsic_unbiased_gram(K.M, L.M), _hsic_unbiased_gram(K.M, K.M), _hsic_unbiased_gram(L.M, L.M)
+    hxy, hxx, hyy = _hsic_unbiased_three(np.asarray(K.M, np.float64), np.asarray(L.M, np.float64))
     return float(hxy / np.sqrt(hxx * hyy)) if hxx * hyy > 0 else float("nan")
 
 
