@@ -325,3 +325,40 @@ def test_transferred_sae_on_the_rotated_copy_recovers_the_loss_and_a_random_map_
     assert tr["fvu"] == pytest.approx(own["fvu"], abs=1e-4)
     assert floor["fvu"] > 5 * tr["fvu"] and floor["kl"] > 5 * tr["kl"]
     assert own["err_top_pc_share"] < 0.01  # a PCA SAE's error lives outside the top principal directions
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_starting_after_the_edited_block_from_the_clean_residual_gives_the_same_logits_and_skips_the_blocks(
+        name, tiny_models):
+    from crossdict.interventions import edited_effect, from_clean
+
+    backend = HFBackend.load(str(tiny_models[name]))
+    clean = clean_run(backend, [backend.tokenize(TEXTS, 32)])
+    b = clean.batches[0]
+    v = torch.randn(backend.d_model, generator=torch.Generator().manual_seed(0)) * 3.0
+    edits = {1: add_at(v, b.is_content)}
+    full = backend.logits(b, edits)
+    from crossdict.interventions import clean_hidden
+
+    clean_hidden(backend, clean, 1)  # the cached clean residual (one forward, before the count starts)
+    calls = []
+    handle = next(backend.blocks[0].children()).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with from_clean(backend, clean, 0, edits):
+            fast = backend.logits(b, edits)
+        assert not calls  # block 0 did not run (its first submodule was never called)
+        backend.logits(b, edits)
+        assert calls  # and runs again outside the context
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+    assert (fast - backend.logits(b)).abs().max() > 1e-2  # the edit took effect
+    # stacked copies (the controls' batching) start from the repeated clean residual
+    with from_clean(backend, clean, 0, edits, copies=2):
+        from crossdict.transfer_controls import repeat_batch
+
+        two = backend.logits(repeat_batch(b, 2), {1: add_at(v, b.is_content.repeat(2, 1))})
+    torch.testing.assert_close(two[: len(TEXTS)], full, atol=1e-4, rtol=1e-4)
+    eff = edited_effect(backend, clean, lambda i, bb: {1: add_at(v, bb.is_content)})
+    logp = torch.log_softmax(full, -1)[b.is_content]
+    assert eff.kl == pytest.approx(float((clean.logp[0].exp() * (clean.logp[0] - logp)).sum()) / len(logp), rel=1e-3)

@@ -242,13 +242,36 @@ def _vocab_restricted(backend: Backend, ids: np.ndarray | None) -> Any:
     return backend.output_vocab(torch.from_numpy(np.asarray(ids)))
 
 
+def clean_hidden(backend: Backend, clean: CleanRun, layer: int) -> list[torch.Tensor]:
+    """Per clean batch, the residual `[b, seq, d]` after block `layer` (computed once, kept in `clean.memo`)."""
+    key = ("hidden", id(backend), layer)
+    if key not in clean.memo:
+        clean.memo[key] = [backend.hidden_states(b, [layer])[layer] for b in clean.batches]
+    return clean.memo[key]
+
+
+def from_clean(backend: Backend, clean: CleanRun, index: int, edits: dict[int, Edit], copies: int = 1) -> Any:
+    """Context that starts the forward of clean batch `index` (stacked `copies` times) after the edited block,
+    from the cached clean residual, when there is one edited block and the backend can (`start_after`).
+
+    Blocks before an edit are the clean pass, bit for bit in exact arithmetic: one run of them serves every
+    intervention at that layer (controls, directions, patches, splices)."""
+    if len(edits) != 1 or not hasattr(backend, "start_after"):
+        return contextlib.nullcontext()
+    layer = next(iter(edits))
+    h = clean_hidden(backend, clean, layer)[index]
+    return backend.start_after(layer, h.repeat(copies, 1, 1) if copies > 1 else h)
+
+
 def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]],
                   ids: np.ndarray | None = None) -> Effect:
     """Run every batch with `edits_for(batch_index, batch)` and compare with the clean pass."""
     kl_sum, n, nll_sum, n_nll, dsum, abs_sum, per = 0.0, 0, 0.0, 0, None, 0.0, []
     sub = None if ids is None else torch.from_numpy(np.asarray(ids))
     for i, (b, logp0) in enumerate(zip(clean.batches, clean.logp)):
-        full = F.log_softmax(backend.logits(b, edits_for(i, b)), -1)
+        edits = edits_for(i, b)
+        with from_clean(backend, clean, i, edits):
+            full = F.log_softmax(backend.logits(b, edits), -1)
         per.append(_next_nll_passages(full, b))
         nll_sum, n_nll = nll_sum + float(per[-1][:, 0].sum()), n_nll + int(per[-1][:, 1].sum())
         logp = full[b.is_content]
@@ -278,8 +301,10 @@ def inject_shift(backend: Backend, clean: CleanRun, layer: int, vector: torch.Te
     sub = torch.from_numpy(np.asarray(ids))
     total, n = None, 0
     with _vocab_restricted(backend, ids):
-        for b in clean.batches:
-            logits = backend.logits(b, {layer: add_at(vector, b.is_content)})
+        for i, b in enumerate(clean.batches):
+            edits = {layer: add_at(vector, b.is_content)}
+            with from_clean(backend, clean, i, edits):
+                logits = backend.logits(b, edits)
             if logits.shape[-1] != len(ids):  # the backend cannot restrict its vocabulary
                 logits = logits[..., sub]
             s = logits[b.is_content].sum(0, dtype=torch.float64)
@@ -514,7 +539,8 @@ def injection_rows(pair: MatchedPair, a: Side, b: Side, linear: np.ndarray, s_a:
         ctrl_agree = {}
         for k, units in ctrl_unit.items():
             shifts = shifts_many(b.backend, b.clean.batches, b.layer, alpha * norm_b * units, vocab.ids_b,
-                                 lambda: _vocab_restricted(b.backend, vocab.ids_b)) - clean_part
+                                 lambda: _vocab_restricted(b.backend, vocab.ids_b),
+                                 hidden=clean_hidden(b.backend, b.clean, b.layer)) - clean_part
             ctrl_agree[k] = np.array([agreement(xa, x.numpy(), top)[0] for x in shifts])
         base = {"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
                 "act_corr": pair.act_corr, "match_q": pair.q_value, "alpha": alpha}
