@@ -362,3 +362,34 @@ def test_starting_after_the_edited_block_from_the_clean_residual_gives_the_same_
     eff = edited_effect(backend, clean, lambda i, bb: {1: add_at(v, bb.is_content)})
     logp = torch.log_softmax(full, -1)[b.is_content]
     assert eff.kl == pytest.approx(float((clean.logp[0].exp() * (clean.logp[0] - logp)).sum()) / len(logp), rel=1e-3)
+
+
+def test_patching_the_rotated_copy_with_its_own_feature_changes_nothing_and_a_silent_feature_runs_no_forward(llama):
+    """B is A rotated, B's SAE is A's rotated: patching B's feature with A's activation leaves B as it was (KL ~0);
+    patching other B features with it moves B; a feature silent in both passages' codes changes nothing at all,
+    so its patch and ablation are 0 exactly and skip the forward."""
+    from crossdict.interventions import feature_patch_rows
+
+    Q, twin, sae_a, sae_b = rotated_pair(llama)
+    batches = [llama.tokenize(TEXTS, 32)]
+    strings = vocab_strings(llama.tokenizer)
+    a = Side(llama, 1, sae_a, clean_run(llama, batches), strings)
+    b = Side(twin, 1, sae_b, clean_run(twin, batches), strings)
+    pairing = pair_batches(a, b, None, None)
+    fires = sae_a.encode(pairing.hs_a[0]).gt(0).flatten(0, 1).sum(0)
+    feat, silent = int(fires.argmax()), int(torch.nonzero(fires == 0)[0, 0])
+    s = np.ones(sae_a.d_sae, np.float32)
+    alive = np.nonzero(fires.numpy() > 0)[0]
+    n_fwd = []
+    real = twin.logits
+    twin.logits = lambda bb, edits=None: (n_fwd.append(1), real(bb, edits))[1]
+    try:
+        rows = feature_patch_rows([MatchedPair(1, 1, feat, feat, 0.9, 0.001), MatchedPair(1, 1, silent, silent, 0.9, 0.001)],
+                                  a, b, pairing, s, s, alive, 5, np.random.default_rng(0))
+    finally:
+        del twin.logits
+    live, dead = rows
+    assert live["kl_patch"] < 1e-6 < live["kl_ablate"] and live["n_controls"] == 5
+    assert live["kl_random_mean"] > 100 * live["kl_patch"]
+    assert dead["kl_patch"] == 0.0 and dead["kl_ablate"] == 0.0
+    assert len(n_fwd) == (2 + 5) + (0 + 5)  # the silent feature's patch and ablation ran no forward

@@ -699,7 +699,22 @@ def feature_patch_rows(pairs: list[MatchedPair], a: Side, b: Side, pairing: Pair
     dec_b = raw_decoder(b.sae)
     codes_a = [a.sae.encode(h) for h in pairing.hs_a]  # [b, seq_a, d_sae_a] per batch
 
+    hs_b = clean_hidden(b.backend, b.clean, b.layer)
+    codes_b = [b.sae.encode(h) for h in hs_b]  # [b, seq_b, d_sae_b] per batch, clean
+
+    def changes(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> bool:
+        """Whether patching moves anything (else KL is 0: no forward needed, e.g. neither feature fires)."""
+        for k, pairs_k in enumerate(pairing.pairs):
+            for i, p in enumerate(pairs_k):
+                old = codes_b[k][i, torch.from_numpy(p[:, 1]), feat_b]
+                if len(p) and bool(((values_a(k, i) * scale) != old).any()):
+                    return True
+        return False
+
     def patch(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> float:
+        if not changes(feat_b, scale, values_a):
+            return 0.0
+
         def edits(k: int, bb: Batch) -> dict[int, Edit]:
             def edit(h: torch.Tensor) -> torch.Tensor:
                 h = h.clone()
