@@ -290,9 +290,10 @@ def _error_note(sae_rows: list[dict]) -> str:
     if not lines:
         return ""
     return ('<p class=note>Same-norm random error (Gurnee 2024 found SAE errors <em>worse</em> than random ones of the same '
-            'norm). A pre-norm block reads its input through RMSNorm, which divides a rescaling of the residual away: an '
-            'error along the residual itself (shrinkage) costs little, so compare the SAE with the random error of its '
-            'orthogonal part.<br>' + "<br>".join(lines) + '</p>')
+            'norm). A pre-norm block reads its input through RMSNorm, which divides a pure rescaling of the residual away '
+            '(only its weight against later blocks\' writes changes): err_radial_share is how much of the error is such a '
+            'rescaling (shrinkage), and the random error of the norm of its orthogonal part compares what is left. An SAE '
+            'error that costs more than its random baseline is pathological in Gurnee\'s sense.<br>' + "<br>".join(lines) + '</p>')
 
 
 def _stability_note(cfg: RunConfig, sae_rows: list[dict]) -> str:
