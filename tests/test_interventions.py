@@ -393,3 +393,30 @@ def test_patching_the_rotated_copy_with_its_own_feature_changes_nothing_and_a_si
     assert live["kl_random_mean"] > 100 * live["kl_patch"]
     assert dead["kl_patch"] == 0.0 and dead["kl_ablate"] == 0.0
     assert len(n_fwd) == (2 + 5) + (0 + 5)  # the silent feature's patch and ablation ran no forward
+
+
+def test_subsampled_shared_vocab_keeps_the_string_pairing_and_agreement(tiny_tokenizers, llama):
+    from scipy.stats import spearmanr
+
+    from crossdict.config import ConfigError
+    from crossdict.interventions import inject, subsample_vocab
+
+    strings = vocab_strings(llama.tokenizer)
+    full = shared_vocab(strings, strings)
+    sub = subsample_vocab(full, 120, seed=0)
+    assert len(sub.strings) == 120 and len(set(sub.ids_b.tolist())) == 120
+    assert all(strings[i] == strings[j] == s for i, j, s in zip(sub.ids_a, sub.ids_b, sub.strings))
+    assert np.all(np.diff(sub.ids_a) > 0) and subsample_vocab(full, None, 0) is full
+    assert not np.array_equal(sub.ids_a, subsample_vocab(full, 120, seed=1).ids_a)
+    # a sample of the strings ranks an effect like all of them do (the statistic, not only its cost, survives)
+    clean = clean_run(llama, [llama.tokenize(TEXTS, 32)])
+    gen = torch.Generator().manual_seed(0)
+    d1, d2 = (inject(llama, clean, 1, 4.0 * torch.randn(llama.d_model, generator=gen)).dlogp for _ in range(2))
+    rho_full = spearmanr(d1[full.ids_a], d2[full.ids_b]).statistic
+    rho_sub = spearmanr(d1[sub.ids_a], d2[sub.ids_b]).statistic
+    assert abs(rho_full - rho_sub) < 0.25
+    with pytest.raises(ConfigError, match="max_shared_strings"):
+        from crossdict.config import config_from_dict
+
+        config_from_dict({"model_a": {"name": "x", "layers": [1]}, "model_b": {"name": "y", "layers": [1]},
+                          "transfer": {"max_shared_strings": 10}})

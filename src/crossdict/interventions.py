@@ -166,6 +166,14 @@ def shared_vocab(strings_a: list[str | None], strings_b: list[str | None]) -> Sh
     return SharedVocab(np.array(ids_a), np.array(ids_b), strings)
 
 
+def subsample_vocab(vocab: SharedVocab, n: int | None, seed: int) -> SharedVocab:
+    """At most `n` of the shared strings, drawn uniformly with `seed`, kept in vocabulary order (None: all)."""
+    if n is None or len(vocab.strings) <= n:
+        return vocab
+    keep = np.sort(np.random.default_rng(seed).choice(len(vocab.strings), n, replace=False))
+    return SharedVocab(vocab.ids_a[keep], vocab.ids_b[keep], [vocab.strings[i] for i in keep])
+
+
 # --- next-token effects -----------------------------------------------------------------------------
 
 
@@ -870,7 +878,7 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
     cleans = {k: clean_run(backends[k], batches_for(backends[k], texts, cfg.model(k).max_ctx, tcfg.batch_size))
               for k in ("a", "b")}
     strings = {k: vocab_strings(backends[k].tokenizer, int(cleans[k].logp[0].shape[-1])) for k in ("a", "b")}
-    vocab = shared_vocab(strings["a"], strings["b"])
+    vocab = subsample_vocab(shared_vocab(strings["a"], strings["b"]), tcfg.max_shared_strings, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     transfer, examples, stitching, patching, sae_transfer = [], [], [], [], []
