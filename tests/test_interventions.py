@@ -325,3 +325,98 @@ def test_transferred_sae_on_the_rotated_copy_recovers_the_loss_and_a_random_map_
     assert tr["fvu"] == pytest.approx(own["fvu"], abs=1e-4)
     assert floor["fvu"] > 5 * tr["fvu"] and floor["kl"] > 5 * tr["kl"]
     assert own["err_top_pc_share"] < 0.01  # a PCA SAE's error lives outside the top principal directions
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_starting_after_the_edited_block_from_the_clean_residual_gives_the_same_logits_and_skips_the_blocks(
+        name, tiny_models):
+    from crossdict.interventions import edited_effect, from_clean
+
+    backend = HFBackend.load(str(tiny_models[name]))
+    clean = clean_run(backend, [backend.tokenize(TEXTS, 32)])
+    b = clean.batches[0]
+    v = torch.randn(backend.d_model, generator=torch.Generator().manual_seed(0)) * 3.0
+    edits = {1: add_at(v, b.is_content)}
+    full = backend.logits(b, edits)
+    from crossdict.interventions import clean_hidden
+
+    clean_hidden(backend, clean, 1)  # the cached clean residual (one forward, before the count starts)
+    calls = []
+    handle = next(backend.blocks[0].children()).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with from_clean(backend, clean, 0, edits):
+            fast = backend.logits(b, edits)
+        assert not calls  # block 0 did not run (its first submodule was never called)
+        backend.logits(b, edits)
+        assert calls  # and runs again outside the context
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+    assert (fast - backend.logits(b)).abs().max() > 1e-2  # the edit took effect
+    # stacked copies (the controls' batching) start from the repeated clean residual
+    with from_clean(backend, clean, 0, edits, copies=2):
+        from crossdict.transfer_controls import repeat_batch
+
+        two = backend.logits(repeat_batch(b, 2), {1: add_at(v, b.is_content.repeat(2, 1))})
+    torch.testing.assert_close(two[: len(TEXTS)], full, atol=1e-4, rtol=1e-4)
+    eff = edited_effect(backend, clean, lambda i, bb: {1: add_at(v, bb.is_content)})
+    logp = torch.log_softmax(full, -1)[b.is_content]
+    assert eff.kl == pytest.approx(float((clean.logp[0].exp() * (clean.logp[0] - logp)).sum()) / len(logp), rel=1e-3)
+
+
+def test_patching_the_rotated_copy_with_its_own_feature_changes_nothing_and_a_silent_feature_runs_no_forward(llama):
+    """B is A rotated, B's SAE is A's rotated: patching B's feature with A's activation leaves B as it was (KL ~0);
+    patching other B features with it moves B; a feature silent in both passages' codes changes nothing at all,
+    so its patch and ablation are 0 exactly and skip the forward."""
+    from crossdict.interventions import feature_patch_rows
+
+    Q, twin, sae_a, sae_b = rotated_pair(llama)
+    batches = [llama.tokenize(TEXTS, 32)]
+    strings = vocab_strings(llama.tokenizer)
+    a = Side(llama, 1, sae_a, clean_run(llama, batches), strings)
+    b = Side(twin, 1, sae_b, clean_run(twin, batches), strings)
+    pairing = pair_batches(a, b, None, None)
+    fires = sae_a.encode(pairing.hs_a[0]).gt(0).flatten(0, 1).sum(0)
+    feat, silent = int(fires.argmax()), int(torch.nonzero(fires == 0)[0, 0])
+    s = np.ones(sae_a.d_sae, np.float32)
+    alive = np.nonzero(fires.numpy() > 0)[0]
+    n_fwd = []
+    real = twin.logits
+    twin.logits = lambda bb, edits=None: (n_fwd.append(1), real(bb, edits))[1]
+    try:
+        rows = feature_patch_rows([MatchedPair(1, 1, feat, feat, 0.9, 0.001), MatchedPair(1, 1, silent, silent, 0.9, 0.001)],
+                                  a, b, pairing, s, s, alive, 5, np.random.default_rng(0))
+    finally:
+        del twin.logits
+    live, dead = rows
+    assert live["kl_patch"] < 1e-6 < live["kl_ablate"] and live["n_controls"] == 5
+    assert live["kl_random_mean"] > 100 * live["kl_patch"]
+    assert dead["kl_patch"] == 0.0 and dead["kl_ablate"] == 0.0
+    assert len(n_fwd) == (2 + 5) + (0 + 5)  # the silent feature's patch and ablation ran no forward
+
+
+def test_subsampled_shared_vocab_keeps_the_string_pairing_and_agreement(tiny_tokenizers, llama):
+    from scipy.stats import spearmanr
+
+    from crossdict.config import ConfigError
+    from crossdict.interventions import inject, subsample_vocab
+
+    strings = vocab_strings(llama.tokenizer)
+    full = shared_vocab(strings, strings)
+    sub = subsample_vocab(full, 120, seed=0)
+    assert len(sub.strings) == 120 and len(set(sub.ids_b.tolist())) == 120
+    assert all(strings[i] == strings[j] == s for i, j, s in zip(sub.ids_a, sub.ids_b, sub.strings))
+    assert np.all(np.diff(sub.ids_a) > 0) and subsample_vocab(full, None, 0) is full
+    assert not np.array_equal(sub.ids_a, subsample_vocab(full, 120, seed=1).ids_a)
+    # a sample of the strings ranks an effect like all of them do (the statistic, not only its cost, survives)
+    clean = clean_run(llama, [llama.tokenize(TEXTS, 32)])
+    gen = torch.Generator().manual_seed(0)
+    d1, d2 = (inject(llama, clean, 1, 4.0 * torch.randn(llama.d_model, generator=gen)).dlogp for _ in range(2))
+    rho_full = spearmanr(d1[full.ids_a], d2[full.ids_b]).statistic
+    rho_sub = spearmanr(d1[sub.ids_a], d2[sub.ids_b]).statistic
+    assert abs(rho_full - rho_sub) < 0.25
+    with pytest.raises(ConfigError, match="max_shared_strings"):
+        from crossdict.config import config_from_dict
+
+        config_from_dict({"model_a": {"name": "x", "layers": [1]}, "model_b": {"name": "y", "layers": [1]},
+                          "transfer": {"max_shared_strings": 10}})

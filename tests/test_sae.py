@@ -469,6 +469,30 @@ def test_lm_loss_recovered_on_tiny_gpt2():
     assert rnd["loss_clean"] == pytest.approx(nll / n, rel=1e-5)
 
 
+def test_lm_loss_kl_and_the_same_norm_random_error_see_a_pure_rescaling_as_harmless():
+    """An "SAE" that halves h after the last block: the final LayerNorm divides the rescaling away, so its CE and KL
+    barely move, while a random error of the same per-token norm (Gurnee 2024) does move them; its error is all
+    radial (err_radial_share 1 vs 1/d), so the baseline that keeps only the orthogonal part is the identity."""
+    backend = TinyGPT2Backend()
+    batches = [backend.tokenize(["the cat sat on the mat", "sparse autoencoders find features"], 24)]
+    ident = lm_loss_recovered(backend, FnSAE(lambda h: h, lambda c: c), 1, batches)
+    assert ident["kl_sae"] == pytest.approx(0.0, abs=1e-7) and ident["kl_recovered_zero"] == pytest.approx(1.0, abs=1e-6)
+    assert ident["kl_zero"] > 1e-3 and ident["kl_rand_err"] == pytest.approx(0.0, abs=1e-7)  # zero error, zero noise
+    zero = lm_loss_recovered(backend, FnSAE(lambda h: h, lambda c: torch.zeros_like(c)), 1, batches)
+    assert zero["kl_recovered_zero"] == pytest.approx(0.0, abs=1e-6)
+    half = lm_loss_recovered(backend, FnSAE(lambda h: h, lambda c: 0.5 * c), 1, batches)
+    print(f"\n[lm-loss shrinkage] {half}")
+    assert half["err_radial_share"] == pytest.approx(1.0, abs=1e-6) and half["random_radial_share"] == 1 / 32
+    assert half["kl_sae"] < 1e-3 * half["kl_rand_err"]
+    assert abs(half["loss_rand_err"] - half["loss_clean"]) > 100 * abs(half["loss_sae"] - half["loss_clean"])  # random model: either sign
+    assert half["kl_rand_perp_err"] == pytest.approx(0.0, abs=1e-7)
+    # a random-direction "SAE error" is as harmful as its same-norm random baseline, and its radial share is ~1/d
+    g = torch.Generator().manual_seed(3)
+    noisy = lm_loss_recovered(backend, FnSAE(lambda h: h, lambda c: c + 2.0 * torch.randn(c.shape, generator=g)), 1,
+                              batches)
+    assert 0.3 < noisy["kl_sae"] / noisy["kl_rand_err"] < 3 and noisy["err_radial_share"] < 0.2
+
+
 def test_lm_loss_leaves_bos_and_padding_untouched():
     backend = TinyGPT2Backend()
     batch = backend.tokenize(["abcdef", "ab"], 16)
@@ -493,11 +517,11 @@ def test_lm_loss_leaves_bos_and_padding_untouched():
     backend.logits = lambda b, edits=None: (captured.append(edits), real_logits(b, edits))[1]
     lm_loss_recovered(backend, FnSAE(lambda h: h, lambda c: c + 7.0), 1, [batch])
     h = torch.randn(2, 7, 32)
-    for edits in captured[1:]:  # sae, zero, mean
+    for edits in captured[1:]:  # sae, zero, mean, same-norm random error, its orthogonal part
         new = edits[1](h)
         assert torch.equal(new[~batch.is_content], h[~batch.is_content])
         assert not torch.equal(new[batch.is_content], h[batch.is_content])
-    assert captured[0] is None and len(captured) == 4
+    assert captured[0] is None and len(captured) == 6
     assert out["loss_sae"] > out["loss_clean"]
 
 

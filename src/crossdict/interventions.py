@@ -166,6 +166,14 @@ def shared_vocab(strings_a: list[str | None], strings_b: list[str | None]) -> Sh
     return SharedVocab(np.array(ids_a), np.array(ids_b), strings)
 
 
+def subsample_vocab(vocab: SharedVocab, n: int | None, seed: int) -> SharedVocab:
+    """At most `n` of the shared strings, drawn uniformly with `seed`, kept in vocabulary order (None: all)."""
+    if n is None or len(vocab.strings) <= n:
+        return vocab
+    keep = np.sort(np.random.default_rng(seed).choice(len(vocab.strings), n, replace=False))
+    return SharedVocab(vocab.ids_a[keep], vocab.ids_b[keep], [vocab.strings[i] for i in keep])
+
+
 # --- next-token effects -----------------------------------------------------------------------------
 
 
@@ -242,13 +250,36 @@ def _vocab_restricted(backend: Backend, ids: np.ndarray | None) -> Any:
     return backend.output_vocab(torch.from_numpy(np.asarray(ids)))
 
 
+def clean_hidden(backend: Backend, clean: CleanRun, layer: int) -> list[torch.Tensor]:
+    """Per clean batch, the residual `[b, seq, d]` after block `layer` (computed once, kept in `clean.memo`)."""
+    key = ("hidden", id(backend), layer)
+    if key not in clean.memo:
+        clean.memo[key] = [backend.hidden_states(b, [layer])[layer] for b in clean.batches]
+    return clean.memo[key]
+
+
+def from_clean(backend: Backend, clean: CleanRun, index: int, edits: dict[int, Edit], copies: int = 1) -> Any:
+    """Context that starts the forward of clean batch `index` (stacked `copies` times) after the edited block,
+    from the cached clean residual, when there is one edited block and the backend can (`start_after`).
+
+    Blocks before an edit are the clean pass, bit for bit in exact arithmetic: one run of them serves every
+    intervention at that layer (controls, directions, patches, splices)."""
+    if len(edits) != 1 or not hasattr(backend, "start_after"):
+        return contextlib.nullcontext()
+    layer = next(iter(edits))
+    h = clean_hidden(backend, clean, layer)[index]
+    return backend.start_after(layer, h.repeat(copies, 1, 1) if copies > 1 else h)
+
+
 def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]],
                   ids: np.ndarray | None = None) -> Effect:
     """Run every batch with `edits_for(batch_index, batch)` and compare with the clean pass."""
     kl_sum, n, nll_sum, n_nll, dsum, abs_sum, per = 0.0, 0, 0.0, 0, None, 0.0, []
     sub = None if ids is None else torch.from_numpy(np.asarray(ids))
     for i, (b, logp0) in enumerate(zip(clean.batches, clean.logp)):
-        full = F.log_softmax(backend.logits(b, edits_for(i, b)), -1)
+        edits = edits_for(i, b)
+        with from_clean(backend, clean, i, edits):
+            full = F.log_softmax(backend.logits(b, edits), -1)
         per.append(_next_nll_passages(full, b))
         nll_sum, n_nll = nll_sum + float(per[-1][:, 0].sum()), n_nll + int(per[-1][:, 1].sum())
         logp = full[b.is_content]
@@ -278,8 +309,10 @@ def inject_shift(backend: Backend, clean: CleanRun, layer: int, vector: torch.Te
     sub = torch.from_numpy(np.asarray(ids))
     total, n = None, 0
     with _vocab_restricted(backend, ids):
-        for b in clean.batches:
-            logits = backend.logits(b, {layer: add_at(vector, b.is_content)})
+        for i, b in enumerate(clean.batches):
+            edits = {layer: add_at(vector, b.is_content)}
+            with from_clean(backend, clean, i, edits):
+                logits = backend.logits(b, edits)
             if logits.shape[-1] != len(ids):  # the backend cannot restrict its vocabulary
                 logits = logits[..., sub]
             s = logits[b.is_content].sum(0, dtype=torch.float64)
@@ -514,7 +547,8 @@ def injection_rows(pair: MatchedPair, a: Side, b: Side, linear: np.ndarray, s_a:
         ctrl_agree = {}
         for k, units in ctrl_unit.items():
             shifts = shifts_many(b.backend, b.clean.batches, b.layer, alpha * norm_b * units, vocab.ids_b,
-                                 lambda: _vocab_restricted(b.backend, vocab.ids_b)) - clean_part
+                                 lambda: _vocab_restricted(b.backend, vocab.ids_b),
+                                 hidden=clean_hidden(b.backend, b.clean, b.layer)) - clean_part
             ctrl_agree[k] = np.array([agreement(xa, x.numpy(), top)[0] for x in shifts])
         base = {"layer_a": pair.layer_a, "layer_b": pair.layer_b, "feat_a": pair.feat_a, "feat_b": pair.feat_b,
                 "act_corr": pair.act_corr, "match_q": pair.q_value, "alpha": alpha}
@@ -673,7 +707,22 @@ def feature_patch_rows(pairs: list[MatchedPair], a: Side, b: Side, pairing: Pair
     dec_b = raw_decoder(b.sae)
     codes_a = [a.sae.encode(h) for h in pairing.hs_a]  # [b, seq_a, d_sae_a] per batch
 
+    hs_b = clean_hidden(b.backend, b.clean, b.layer)
+    codes_b = [b.sae.encode(h) for h in hs_b]  # [b, seq_b, d_sae_b] per batch, clean
+
+    def changes(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> bool:
+        """Whether patching moves anything (else KL is 0: no forward needed, e.g. neither feature fires)."""
+        for k, pairs_k in enumerate(pairing.pairs):
+            for i, p in enumerate(pairs_k):
+                old = codes_b[k][i, torch.from_numpy(p[:, 1]), feat_b]
+                if len(p) and bool(((values_a(k, i) * scale) != old).any()):
+                    return True
+        return False
+
     def patch(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> float:
+        if not changes(feat_b, scale, values_a):
+            return 0.0
+
         def edits(k: int, bb: Batch) -> dict[int, Edit]:
             def edit(h: torch.Tensor) -> torch.Tensor:
                 h = h.clone()
@@ -829,7 +878,7 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
     cleans = {k: clean_run(backends[k], batches_for(backends[k], texts, cfg.model(k).max_ctx, tcfg.batch_size))
               for k in ("a", "b")}
     strings = {k: vocab_strings(backends[k].tokenizer, int(cleans[k].logp[0].shape[-1])) for k in ("a", "b")}
-    vocab = shared_vocab(strings["a"], strings["b"])
+    vocab = subsample_vocab(shared_vocab(strings["a"], strings["b"]), tcfg.max_shared_strings, cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     transfer, examples, stitching, patching, sae_transfer = [], [], [], [], []

@@ -458,7 +458,9 @@ def _sae_section(cfg: RunConfig, sae_rows: list[dict]) -> str:
     ax2.set(xlabel="training tokens", ylabel="dead latent fraction", title="dead latents")
     ax1.legend(fontsize=7)
     cols = ["model", "layer", "seed", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "seed_shared_dec", "seed_median_cos_dec",
-            "seed_shared_enc", "loss_clean", "loss_sae", "frac_recovered_zero", "frac_recovered_mean", "wall_s"]
+            "seed_shared_enc", "loss_clean", "loss_sae", "frac_recovered_zero", "frac_recovered_mean", "kl_sae",
+            "kl_recovered_zero", "loss_rand_err", "kl_rand_err", "err_radial_share", "err_top_pc_share", "wall_s"]
+    cols = [c for c in cols if any(r.get(c, "") != "" for r in sae_rows) or c in ("model", "layer", "seed")]
     rows = [[html.escape(r.get(c, "")) if c in ("model",) else (_f(r.get(c)) if c not in ("layer", "seed", "d_sae") else r.get(c, ""))
              for c in cols] for r in sae_rows]
     return ('<section id="saes"><h2>Sparse autoencoders</h2>' + _png(fig) + _table(cols, rows, "num")
@@ -466,8 +468,37 @@ def _sae_section(cfg: RunConfig, sae_rows: list[dict]) -> str:
               'the loss gap to zero- and mean-ablation it recovers. Seed stability: the SAE against the same model and '
               'layer\'s SAE of another seed (column seed_ref of sae_metrics.csv), live latents matched one-to-one '
               '(Hungarian) on decoder (dec) or encoder (enc) cosine; shared = share with cosine &gt; 0.7 (Paulo &amp; '
-              'Belrose 2025). It is the ceiling cross-model feature matching is read against.</p>'
-            + _stability_note(cfg, sae_rows) + '</section>')
+              'Belrose 2025). It is the ceiling cross-model feature matching is read against. kl_sae: mean KL of the '
+              'next-token distribution, clean vs spliced; kl_recovered_zero = 1 − kl_sae / kl_zero (SAEBench). '
+              'loss_rand_err / kl_rand_err: the residual replaced by clean + a random vector of the SAE error\'s per-token '
+              'norm (Gurnee 2024); err_radial_share: the SAE error\'s energy along each token\'s own residual direction '
+              '(a random error puts 1/d there), err_top_pc_share: in the top-8 principal directions (random: 8/d).</p>'
+            + _error_note(sae_rows) + _stability_note(cfg, sae_rows) + '</section>')
+
+
+def _error_note(sae_rows: list[dict]) -> str:
+    """Where the SAE error lives and what a random error of the same norm does (Gurnee 2024), one line per SAE."""
+    lines = []
+    for r in sae_rows:
+        if str(r.get("seed")) != str(sae_rows[0].get("seed")) or _num(r.get("loss_rand_err")) != _num(r.get("loss_rand_err")):
+            continue
+        clean = _num(r.get("loss_clean"))
+        d_sae, d_rand = _num(r.get("loss_sae")) - clean, _num(r.get("loss_rand_err")) - clean
+        d_perp = _num(r.get("loss_rand_perp_err")) - clean
+        lines.append(f"{html.escape(str(r.get('model')))} L{r.get('layer')}: the SAE adds {d_sae:+.3g} nats "
+                     f"(KL {_f(r.get('kl_sae'))}), a same-norm random error {d_rand:+.3g} (KL {_f(r.get('kl_rand_err'))}); "
+                     f"{100 * _num(r.get('err_radial_share')):.0f}% of the SAE error's energy lies along the token's own "
+                     f"residual (random: {100 * _num(r.get('random_radial_share')):.2g}%), "
+                     f"{100 * _num(r.get('err_top_pc_share')):.0f}% in the top-8 PCs (random: "
+                     f"{100 * _num(r.get('random_top_pc_share')):.2g}%); a random error of the size of its part orthogonal to "
+                     f"the residual adds {d_perp:+.3g} nats.")
+    if not lines:
+        return ""
+    return ('<p class=note>Same-norm random error (Gurnee 2024 found SAE errors <em>worse</em> than random ones of the same '
+            'norm). A pre-norm block reads its input through RMSNorm, which divides a pure rescaling of the residual away '
+            '(only its weight against later blocks\' writes changes): err_radial_share is how much of the error is such a '
+            'rescaling (shrinkage), and the random error of the norm of its orthogonal part compares what is left. An SAE '
+            'error that costs more than its random baseline is pathological in Gurnee\'s sense.<br>' + "<br>".join(lines) + '</p>')
 
 
 def _stability_note(cfg: RunConfig, sae_rows: list[dict]) -> str:

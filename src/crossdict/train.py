@@ -575,42 +575,117 @@ def evaluate_sae(sae: SAE, acts: Rows, rows: np.ndarray, block_rows: int = 4096)
     }
 
 
+def _valid_next(batch: Batch) -> torch.Tensor:
+    """`[b, seq]` bool: content positions with a real next token (the last position has none)."""
+    valid = batch.is_content[:, :-1] & batch.attention_mask[:, 1:].bool()
+    return torch.cat([valid, torch.zeros_like(valid[:, :1])], 1)
+
+
 def _next_token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
     """Summed NLL of the next token over positions that are content and have a real next token."""
-    valid = batch.is_content[:, :-1] & batch.attention_mask[:, 1:].bool()
-    target = batch.input_ids[:, 1:].masked_fill(~valid, -100)
-    target = torch.cat([target, torch.full_like(target[:, :1], -100)], 1).to(logits.device)  # last position: no next token
+    valid = _valid_next(batch)
+    target = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, :1]], 1).masked_fill(~valid, -100).to(logits.device)
     # Fused and on a view: a Gemma-3 batch of logits is ~2 GB, one more copy is not free.
     nll = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), target.view(-1), ignore_index=-100, reduction="sum")
     return float(nll), int(valid.sum())
 
 
+def _next_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor, batch: Batch) -> float:
+    """Summed KL(clean || edited) of the next-token distribution over the `_next_token_nll` positions.
+
+    One sequence at a time: two float copies of a Gemma-3 batch's logits would not fit beside it.
+    """
+    valid = _valid_next(batch).to(logits.device)
+    total = 0.0
+    for i in range(logits.shape[0]):
+        if valid[i].any():
+            lp0 = F.log_softmax(clean_logits[i][valid[i]].float(), -1)
+            lp = F.log_softmax(logits[i][valid[i]].float(), -1)
+            total += float(F.kl_div(lp, lp0, log_target=True, reduction="sum"))
+    return total
+
+
+N_TOP_PCS = 8
+"""The error-geometry columns measure the SAE error's energy in this many top principal directions."""
+
+
+def error_geometry(h: torch.Tensor, recon: torch.Tensor, k: int = N_TOP_PCS) -> dict[str, float]:
+    """Where an SAE's error e = recon − h lives, on rows `h`, `recon` `[n, d]`.
+
+    err_radial_share: Σ (e·ĥ)² / Σ ‖e‖², the part along each token's own residual direction ĥ. A
+    pre-norm block reads its input through RMS/LayerNorm, which divides a rescaling of h away, so this
+    part is nearly invisible downstream; a random direction puts 1/d there.
+    err_top_pc_share: energy in the top-`k` principal directions of `h` (random: k/d).
+    err_rel_norm: ‖e‖/‖h‖ (root of summed squares), the size of the perturbation.
+    """
+    h, e = h.double(), (recon - h).double()
+    e2 = (e**2).sum().clamp_min(1e-30)
+    hu = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    vh = torch.linalg.svd(h - h.mean(0), full_matrices=False)[2][:k]
+    return {"err_radial_share": float(((e * hu).sum(-1) ** 2).sum() / e2),
+            "err_top_pc_share": float(((e @ vh.T) ** 2).sum() / e2),
+            "err_rel_norm": float(e2.sqrt() / h.norm().clamp_min(1e-30)),
+            "random_radial_share": 1.0 / h.shape[1], "random_top_pc_share": min(k, h.shape[1]) / h.shape[1]}
+
+
+def _random_like(h: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(h.shape, generator=g, dtype=torch.float32).to(h.device)
+
+
+def same_norm_random_error(recon: Any, seed: int, perp_only: bool = False) -> Any:
+    """`[..., d] -> [..., d]`: h + ‖recon(h) − h‖·u per row, u a random unit direction (Gurnee 2024, "SAE
+    reconstruction errors are (empirically) pathological"). With `perp_only`, both the norm and u are of the
+    part orthogonal to h: the SAE error with its radial (rescaling) part removed, replaced by a random one."""
+
+    def f(h: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        e, u = recon(h) - h, _random_like(h, seed)
+        if perp_only:
+            hu = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+            e = e - (e * hu).sum(-1, keepdim=True) * hu
+            u = u - (u * hu).sum(-1, keepdim=True) * hu
+        return h + e.norm(dim=-1, keepdim=True) * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+    return f
+
+
 @torch.no_grad()
 def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch],
-                      clean_loss: float | None = None, max_norm: float | None = None) -> dict[str, float]:
-    """Next-token loss with the SAE reconstruction spliced in after block `layer`, vs clean and ablations.
+                      clean_loss: float | None = None, max_norm: float | None = None, seed: int = 0) -> dict[str, float]:
+    """Next-token loss and KL with the SAE reconstruction spliced in after block `layer`, vs clean and ablations.
 
     Only content positions are replaced (BOS and padding keep their clean residual: the SAE never
-    saw them in training). frac_recovered_X = (L_X - L_sae) / (L_X - L_clean) for X in {zero, mean}.
-    `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]` tensors. `clean_loss`,
-    if given, is the clean loss on these same batches (it does not depend on the layer: pass it on).
-    Positions whose clean residual norm exceeds `max_norm` (massive activations the SAE was not
-    trained on, see `massive_activation_threshold`) keep their clean residual in every condition.
+    saw them in training). frac_recovered_X = (L_X - L_sae) / (L_X - L_clean) for X in {zero, mean};
+    kl_X is the mean KL(clean || spliced) of the next-token distribution and kl_recovered_X =
+    1 - kl_sae / kl_X (SAEBench). `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]`
+    tensors. `clean_loss`, if given, is the clean loss on these same batches (it does not depend on the
+    layer: pass it on; the clean logits are still computed, the KL needs them). Positions whose clean
+    residual norm exceeds `max_norm` (massive activations the SAE was not trained on, see
+    `massive_activation_threshold`) keep their clean residual in every condition.
+
+    Same-norm random-error baselines (Gurnee 2024): rand_err replaces h by h + a random vector of the
+    SAE error's per-token norm; rand_perp_err by h + a random vector orthogonal to h with the norm of the
+    error's part orthogonal to h. `error_geometry` says where the SAE's error lives (err_* columns).
     """
     batches = list(batches)
     if hasattr(sae, "eval"):
         sae.eval()
     # Mean ablation uses the mean residual over content positions of these same batches.
-    total, count = None, 0
+    total, count, rows = None, 0, []
     for b in batches:
         h = backend.hidden_states(b, [layer])[layer]
         m = b.is_content.to(h.device)
-        s = h[m].double().sum(0)
+        if max_norm is not None:
+            m = m & (h.norm(dim=-1) <= max_norm)
+        s = h[b.is_content.to(h.device)].double().sum(0)
         total = s if total is None else total + s
-        count += int(m.sum())
+        count += int(b.is_content.sum())
+        rows.append(h[m].float())
     if count == 0:
         raise ValueError("lm_loss_recovered: the batches hold no content tokens")
     mean = (total / count).float()
+    recon = lambda h: sae.decode(sae.encode(h.float()))  # noqa: E731
 
     def masked(fn, mask):
         def edit(h):
@@ -622,18 +697,25 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
         return edit
 
     kinds = {
-        **({"clean": None} if clean_loss is None else {}),
-        "sae": lambda h: sae.decode(sae.encode(h.float())),
+        "sae": recon,
         "zero": lambda h: torch.zeros_like(h),
         "mean": lambda h: mean.to(h.device).expand_as(h),
     }
-    sums = {k: 0.0 for k in kinds}
+    sums = {k: 0.0 for k in ("clean", *kinds, "rand_err", "rand_perp_err")}
+    kls = {k: 0.0 for k in sums if k != "clean"}
     n_tok = 0
-    for b in batches:
-        for kind, fn in kinds.items():
-            edits = None if fn is None else {layer: masked(fn, b.is_content)}
-            nll, n = _next_token_nll(backend.logits(b, edits=edits), b)
-            sums[kind] += nll
+    for i, b in enumerate(batches):
+        clean = backend.logits(b)
+        nll, n = _next_token_nll(clean, b)
+        sums["clean"] += nll
+        # one random draw per batch, shared by both random baselines (their difference is the radial part)
+        these = {**kinds, "rand_err": same_norm_random_error(recon, seed + i),
+                 "rand_perp_err": same_norm_random_error(recon, seed + i, perp_only=True)}
+        for kind, fn in these.items():
+            logits = backend.logits(b, edits={layer: masked(fn, b.is_content)})
+            sums[kind] += _next_token_nll(logits, b)[0]
+            kls[kind] += _next_token_kl(clean, logits, b)
+            del logits
         n_tok += n
     if n_tok == 0:
         raise ValueError("lm_loss_recovered: no positions with a next content token")
@@ -641,9 +723,14 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
     if clean_loss is not None:
         loss["clean"] = clean_loss
     out = {f"loss_{k}": v for k, v in loss.items()}
+    out.update({f"kl_{k}": v / n_tok for k, v in kls.items()})
     for abl in ("zero", "mean"):
         gap = loss[abl] - loss["clean"]
         out[f"frac_recovered_{abl}"] = (loss[abl] - loss["sae"]) / gap if abs(gap) > 1e-12 else float("nan")
+        kl_abl = out[f"kl_{abl}"]
+        out[f"kl_recovered_{abl}"] = 1.0 - out["kl_sae"] / kl_abl if kl_abl > 1e-12 else float("nan")
+    h = torch.cat(rows)
+    out.update(error_geometry(h, recon(h).float()) if len(h) > 1 else {})
     out["n_tokens"] = n_tok
     return out
 
@@ -652,7 +739,12 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
 
 CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "fvu", "l0", "dead_frac", "dense_frac", "excluded_frac", "masked_rows",
                "loss_clean", "loss_sae", "loss_zero", "loss_mean", "frac_recovered_zero", "frac_recovered_mean",
+               "kl_sae", "kl_zero", "kl_mean", "kl_recovered_zero", "kl_recovered_mean",
+               "loss_rand_err", "kl_rand_err", "loss_rand_perp_err", "kl_rand_perp_err",
+               "err_rel_norm", "err_radial_share", "random_radial_share", "err_top_pc_share", "random_top_pc_share",
                "train_tokens", "wall_s"]
+"""kl_* (KL of the next-token distribution, clean vs spliced), *_rand_err (same-norm random error, Gurnee 2024)
+and err_* (where the SAE's error lives) are described in `lm_loss_recovered` and `error_geometry`."""
 SEED_COLUMNS = ["seed_ref", "seed_shared_dec", "seed_median_cos_dec", "seed_q10_cos_dec", "seed_q90_cos_dec",
                 "seed_shared_enc", "seed_median_cos_enc", "seed_n_live"]
 """Seed stability against seed `seed_ref` (`stability.summary_columns`); empty with one seed."""
@@ -784,7 +876,8 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
         metrics = dist.broadcast_object(metrics)
     rows = []
     for i, seed in enumerate(seeds):
-        if backends is not None and metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages:
+        if backends is not None and (metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages
+                                     or "kl_sae" not in metrics[i]):  # measured before the KL columns
             if dist.is_main:
                 sae = load_sae(dirs[i], device=getattr(backends[key], "device", "cpu"))
                 if key not in lm["batches"]:

@@ -16,6 +16,8 @@ p = (1 + #controls ≥ candidate) / (n + 1); the floor is 1/(n+1) (0.005 at the 
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Any, Callable
 
@@ -91,18 +93,21 @@ def repeat_batch(batch: Batch, k: int) -> Batch:
 
 
 def shifts_many(backend: Backend, batches: list[Batch], layer: int, vectors: torch.Tensor, ids: np.ndarray,
-                restricted: Callable[[], Any], max_floats: int = 32_000_000) -> torch.Tensor:
+                restricted: Callable[[], Any], max_floats: int = 32_000_000,
+                hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
     """`[k, len(ids)]` mean logit of tokens `ids` over content positions, with `vectors[j]` `[k, d]` added.
 
     One forward serves several directions: the batch is stacked along its batch axis, copy j gets
     vector j (chunked so logits stay under `max_floats`). Subtract the clean mean for the shift.
+    `hidden` (per batch, the clean residual `[b, seq, d]` after `layer`): the forward starts there
+    (`backend.start_after`) instead of re-running the blocks before the edit for every copy.
     """
     sub = torch.from_numpy(np.asarray(ids))
     k = len(vectors)
     total = torch.zeros(k, len(ids), dtype=torch.float64)
     n = 0
     with restricted():
-        for b in batches:
+        for bi, b in enumerate(batches):
             nb, seq = b.input_ids.shape
             step = max(1, min(k, max_floats // max(nb * seq * len(ids), 1)))
             content = b.is_content
@@ -115,7 +120,10 @@ def shifts_many(backend: Backend, batches: list[Batch], layer: int, vectors: tor
                 def edit(h: torch.Tensor, m=mask, pr=per_row) -> torch.Tensor:
                     return h + m.to(h.device, h.dtype) * pr.to(h.device, h.dtype)
 
-                logits = backend.logits(big, {layer: edit})
+                start = (backend.start_after(layer, hidden[bi].repeat(len(v), 1, 1))
+                         if hidden is not None and hasattr(backend, "start_after") else contextlib.nullcontext())
+                with start:
+                    logits = backend.logits(big, {layer: edit})
                 if logits.shape[-1] != len(ids):
                     logits = logits[..., sub]
                 logits = (logits * mask.to(logits.dtype)).sum(1, dtype=torch.float64)  # [len(v)·nb, n_ids]
