@@ -80,6 +80,21 @@ def test_two_seeds_recover_planted_features_and_agree(planted_pair):
     assert st["encoder"]["shared"] >= 0.5
 
 
+def test_l1_at_one_times_d_two_seeds_recover_planted_features_and_agree(tmp_path):
+    """The demo's recipe (L1, 1 x d, decoder-norm-weighted penalty): both seeds find the planted dictionary
+    (as many features as latents) and hence each other."""
+    x, dirs = planted(20_000, d=32, n_feat=32, active=3, noise=0.01, seed=12)
+    cfg = SAEConfig(architecture="l1", expansion_factor=1, l1_coefficient=2.0, l1_warmup_steps=50, lr=3e-3,
+                    lr_warmup_steps=20, batch_size=256, train_tokens=256 * 300, checkpoint_every=10**6)
+    saes = train_saes(Arr(x), np.arange(18_000), cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], False, progress=False)
+    live = [live_latents(s, Arr(x), np.arange(18_000, 20_000)) for s in saes]
+    for s, lv in zip(saes, live):
+        assert dictionary_stability(dirs, s.W_dec.detach().numpy(), live_b=lv)["shared"] >= 0.9
+    st = seed_stability(*saes, *live)
+    print(f"\n[planted L1 seeds] decoder shared {st['decoder']['shared']:.3f} median {st['decoder']['median_cos']:.3f}")
+    assert st["decoder"]["shared"] >= 0.8 and st["decoder"]["median_cos"] > 0.95
+
+
 def test_init_only_pair_on_a_rotated_copy_scores_near_zero():
     """The measure can fail: untrained SAEs share nothing, and a shared init is not mistaken for shared features."""
     d = 32
