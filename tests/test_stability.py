@@ -187,3 +187,16 @@ def test_report_flags_layer_pairs_whose_saes_are_not_seed_stable():
     assert "stable (shared" in items[0] and "not" not in items[0]
     assert "not seed-stable" in items[1] and "not interpretable" in items[1] and "representation-level" in items[1]
     assert "not measured" in items[2]
+
+
+def test_run_train_applies_per_layer_overrides(tmp_path):
+    x, _ = planted(2000, d=16, n_feat=32, active=3, seed=10)
+    run_dir = tmp_path / "runs" / "pl"
+    write_cache(run_dir / "cache", {"a": {0: x}, "b": {0: x[:, :12]}})
+    sae = SAEConfig(architecture="l1", expansion_factor=2, lr=3e-3, lr_warmup_steps=5, batch_size=128,
+                    train_tokens=128 * 20, seeds=[0], per_layer={"b.0": {"expansion_factor": 1, "decoder_init": "data"}})
+    cfg = RunConfig(ModelConfig("m-a", [0]), ModelConfig("m-b", [0]), run_name="pl", output_dir=str(tmp_path / "runs"), sae=sae)
+    rows = run_train(cfg, progress=False)
+    assert [(r["model"], r["d_sae"]) for r in rows] == [("m-a", 32), ("m-b", 12)]
+    spec = json.loads((cfg.sae_dir("b", 0) / "crossdict.json").read_text())
+    assert spec["spec"]["d_sae"] == 12 and spec["spec"]["metadata"]["fingerprint"]["sae_config"]["decoder_init"] == "data"
