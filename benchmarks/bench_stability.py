@@ -6,7 +6,8 @@
 Trains two seeds of one (model, layer) in one data pass (`train.train_saes`, exactly what the train stage
 does), then reports per setting: decoder/encoder seed stability (`stability.seed_stability`: Hungarian on
 cosine over live latents, share with cos > 0.7, median), held-out FVU, L0, dead fraction (mean over the two
-seeds) and wall time of the pass. Massive activations are left out as in the train stage. One JSON line per
+seeds), wall and CPU time of the pass. Rows are the train stage's (`ActivationCache.row_mask`: massive
+activations and a BOS-less model's attention sink left out), so FVU compares like with like with `sae_metrics.csv`. One JSON line per
 run goes to stdout and, with --out, is appended to a JSONL file. The cache is only read.
 """
 
@@ -25,7 +26,7 @@ import torch
 from crossdict.cache import ActivationCache
 from crossdict.config import SAEConfig
 from crossdict.stability import live_latents, seed_stability, summary_columns
-from crossdict.train import drop_massive, evaluate_sae, massive_activation_threshold, train_saes
+from crossdict.train import evaluate_sae, train_saes
 
 
 def _value(field: dataclasses.Field, text: str):
@@ -59,14 +60,14 @@ def main() -> None:
     cache = ActivationCache(args.cache)
     acts = cache.acts(args.model, args.layer)
     train_rows, held_rows = cache.rows(args.model, "train"), cache.rows(args.model, "heldout")
-    max_norm = massive_activation_threshold(acts, train_rows, cfg.max_norm_ratio)
-    train_rows, held_rows = drop_massive(acts, train_rows, max_norm), drop_massive(acts, held_rows, max_norm)
+    keep = cache.row_mask(args.model, args.layer, cfg.max_norm_ratio)  # what `train._layer_rows` uses
+    train_rows, held_rows = train_rows[keep[train_rows]], held_rows[keep[held_rows]]
     meta = {"model_name": cache.manifest["models"][args.model]["name"], "hook_name": f"blocks.{args.layer}.hook_resid_post"}
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         saes = train_saes(acts, train_rows, cfg, args.seeds, [Path(tmp) / f"s{s}" for s in args.seeds], False,
                           progress=False, metadata=[meta] * len(args.seeds))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     evals = [evaluate_sae(s, acts, held_rows) for s in saes]
     live = [live_latents(s, acts, held_rows) for s in saes]
     stab = summary_columns(seed_stability(saes[0], saes[1], live[0], live[1]))
@@ -75,7 +76,7 @@ def main() -> None:
            "fvu": round(float(np.mean([e["fvu"] for e in evals])), 4), "l0": round(float(np.mean([e["l0"] for e in evals])), 1),
            "dead_frac": round(float(np.mean([e["dead_frac"] for e in evals])), 4),
            "dense_frac": round(float(np.mean([e["dense_frac"] for e in evals])), 4),
-           "wall_s_pass": round(wall, 1), "n_seeds": len(args.seeds), "n_train_rows": len(train_rows)}
+           "wall_s_pass": round(wall, 1), "cpu_s_pass": round(cpu, 1), "n_seeds": len(args.seeds), "n_train_rows": len(train_rows)}
     line = json.dumps(rec)
     print(line, flush=True)
     if args.out:

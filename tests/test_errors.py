@@ -49,6 +49,24 @@ def test_wrong_type_and_range(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_sae_per_layer_overrides_one_layer_and_fails_clearly(tmp_path):
+    text = BASE.replace("[8]", "[8, 15]").replace("[5]", "[5, 9]")
+    cfg = _cfg(tmp_path, text + "sae: {l1_coefficient: 2, per_layer: {b.9: {l1_coefficient: 1, expansion_factor: 2}}}\n")
+    b9, b5 = cfg.sae.for_layer("b", 9), cfg.sae.for_layer("b", 5)
+    assert (b9.l1_coefficient, b9.expansion_factor, b9.per_layer) == (1.0, 2, {})
+    assert isinstance(b9.l1_coefficient, float)
+    assert (b5.l1_coefficient, b5.expansion_factor) == (2.0, 8)
+    assert cfg.sae.for_layer("a", 9).l1_coefficient == 2.0  # keyed by model too
+    with pytest.raises(ConfigError, match=r"sae.per_layer: 'b.13' is not a configured layer"):
+        _cfg(tmp_path, text + "sae: {per_layer: {b.13: {l1_coefficient: 1}}}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'sae.per_layer\[a.8\].l1_coef'.*did you mean 'l1_coefficient'"):
+        _cfg(tmp_path, text + "sae: {per_layer: {a.8: {l1_coef: 1}}}\n")
+    with pytest.raises(ConfigError, match=r"sae.per_layer\[a.8\].lr: -1.0 is out of range"):
+        _cfg(tmp_path, text + "sae: {per_layer: {a.8: {lr: -1.0}}}\n")
+    with pytest.raises(ConfigError, match=r"\['seeds'\] cannot differ between layers"):
+        _cfg(tmp_path, text + "sae: {per_layer: {a.8: {seeds: 3}}}\n")
+
+
 def test_layer_out_of_range_states_depth():
     with pytest.raises(ModelSourceError, match=r"\[30\] out of range for smollm2-135m, which has 30 layers"):
         check_layers("smollm2-135m", [8, 30], key="model_a")

@@ -80,6 +80,21 @@ def test_two_seeds_recover_planted_features_and_agree(planted_pair):
     assert st["encoder"]["shared"] >= 0.5
 
 
+def test_l1_at_one_times_d_two_seeds_recover_planted_features_and_agree(tmp_path):
+    """The demo's recipe (L1, 1 x d, decoder-norm-weighted penalty): both seeds find the planted dictionary
+    (as many features as latents) and hence each other."""
+    x, dirs = planted(20_000, d=32, n_feat=32, active=3, noise=0.01, seed=12)
+    cfg = SAEConfig(architecture="l1", expansion_factor=1, l1_coefficient=2.0, l1_warmup_steps=50, lr=3e-3,
+                    lr_warmup_steps=20, batch_size=256, train_tokens=256 * 300, checkpoint_every=10**6)
+    saes = train_saes(Arr(x), np.arange(18_000), cfg, [0, 1], [tmp_path / "s0", tmp_path / "s1"], False, progress=False)
+    live = [live_latents(s, Arr(x), np.arange(18_000, 20_000)) for s in saes]
+    for s, lv in zip(saes, live):
+        assert dictionary_stability(dirs, s.W_dec.detach().numpy(), live_b=lv)["shared"] >= 0.9
+    st = seed_stability(*saes, *live)
+    print(f"\n[planted L1 seeds] decoder shared {st['decoder']['shared']:.3f} median {st['decoder']['median_cos']:.3f}")
+    assert st["decoder"]["shared"] >= 0.8 and st["decoder"]["median_cos"] > 0.95
+
+
 def test_init_only_pair_on_a_rotated_copy_scores_near_zero():
     """The measure can fail: untrained SAEs share nothing, and a shared init is not mistaken for shared features."""
     d = 32
@@ -172,3 +187,16 @@ def test_report_flags_layer_pairs_whose_saes_are_not_seed_stable():
     assert "stable (shared" in items[0] and "not" not in items[0]
     assert "not seed-stable" in items[1] and "not interpretable" in items[1] and "representation-level" in items[1]
     assert "not measured" in items[2]
+
+
+def test_run_train_applies_per_layer_overrides(tmp_path):
+    x, _ = planted(2000, d=16, n_feat=32, active=3, seed=10)
+    run_dir = tmp_path / "runs" / "pl"
+    write_cache(run_dir / "cache", {"a": {0: x}, "b": {0: x[:, :12]}})
+    sae = SAEConfig(architecture="l1", expansion_factor=2, lr=3e-3, lr_warmup_steps=5, batch_size=128,
+                    train_tokens=128 * 20, seeds=[0], per_layer={"b.0": {"expansion_factor": 1, "decoder_init": "data"}})
+    cfg = RunConfig(ModelConfig("m-a", [0]), ModelConfig("m-b", [0]), run_name="pl", output_dir=str(tmp_path / "runs"), sae=sae)
+    rows = run_train(cfg, progress=False)
+    assert [(r["model"], r["d_sae"]) for r in rows] == [("m-a", 32), ("m-b", 12)]
+    spec = json.loads((cfg.sae_dir("b", 0) / "crossdict.json").read_text())
+    assert spec["spec"]["d_sae"] == 12 and spec["spec"]["metadata"]["fingerprint"]["sae_config"]["decoder_init"] == "data"

@@ -97,6 +97,17 @@ class SAEConfig:
     are left out of SAE training and evaluation; 0 keeps every token."""
     decoder_init: Literal["random", "data"] = "random"
     """Decoder rows start as random unit vectors, or as sampled (centred, scaled) training activations."""
+    per_layer: dict[str, dict[str, Union[int, float, str]]] = field(default_factory=dict)
+    """Overrides for one model's layer, keyed `a.<layer>` / `b.<layer>`, e.g. `{"b.13": {"l1_coefficient": 1.0}}`;
+    any key above except seeds, lm_eval_passages and max_norm_ratio (the row mask all stages share)."""
+
+    def for_layer(self, key: str, layer: int) -> "SAEConfig":
+        """The config that trains model `key`'s SAEs at `layer`: this one with its `per_layer` overrides applied."""
+        over = self.per_layer.get(f"{key}.{layer}")
+        if not over:
+            return dataclasses.replace(self, per_layer={})
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "per_layer"}
+        return _build(SAEConfig, {**base, **over}, f"sae.per_layer[{key}.{layer}]")
 
 
 @dataclass
@@ -407,6 +418,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
             f"model_a.layers {cfg.model_a.layers} and model_b.layers {cfg.model_b.layers} must have the same "
             "length: layers are paired by position"
         )
+    _check_per_layer(cfg)
     for key in ("a", "b"):
         m = cfg.model(key)
         if isinstance(m.sae_source, dict) and set(m.sae_source) - set(m.layers):
@@ -416,6 +428,23 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         if any(not s.strip() for s in sources):
             raise ConfigError(f"model_{key}.sae_source: empty source; use 'train' or a path / saelens:<release>/<sae_id>")
     return cfg
+
+
+PER_LAYER_FIXED = ("seeds", "lm_eval_passages", "max_norm_ratio", "per_layer")
+"""SAE keys `sae.per_layer` cannot override: they are shared by every layer (seed pairs, LM eval, the row mask)."""
+
+
+def _check_per_layer(cfg: RunConfig) -> None:
+    """`sae.per_layer` names configured layers (`a.<layer>`, `b.<layer>`) and valid, overridable SAE keys."""
+    for name, over in cfg.sae.per_layer.items():
+        key, _, layer = name.partition(".")
+        if key not in ("a", "b") or not layer.isdigit() or int(layer) not in cfg.model(key).layers:
+            raise ConfigError(f"sae.per_layer: {name!r} is not a configured layer; use 'a.<layer>' or 'b.<layer>' with "
+                              f"a layer of model_a.layers {cfg.model_a.layers} / model_b.layers {cfg.model_b.layers}")
+        fixed = sorted(set(over) & set(PER_LAYER_FIXED))
+        if fixed:
+            raise ConfigError(f"sae.per_layer[{name}]: {fixed} cannot differ between layers; set them in sae:")
+        cfg.sae.for_layer(key, int(layer))  # unknown keys, wrong types and ranges fail here, naming the key
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -114,6 +114,7 @@ def _config_dict(cfg: SAEConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("seeds", None)
     d.pop("lm_eval_passages", None)  # evaluation only
+    d.pop("per_layer", None)  # resolved by `SAEConfig.for_layer` before it gets here
     return d
 
 
@@ -764,7 +765,7 @@ def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | N
 
 def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int) -> dict:
     manifest = json.dumps(cache.manifest, sort_keys=True, default=str)
-    return {"sae_config": _config_dict(cfg.sae), "seed": seed, "data_seed": data_seed, "model": cfg.model(key).name,
+    return {"sae_config": _config_dict(cfg.sae.for_layer(key, layer)), "seed": seed, "data_seed": data_seed, "model": cfg.model(key).name,
             "layer": layer, "cache": hashlib.sha256(manifest.encode()).hexdigest()[:16]}
 
 
@@ -790,8 +791,8 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
     cache = ActivationCache(cfg.cache_dir)
     seeds = list(seeds if seeds is not None else cfg.sae.seeds)
     groups = [(key, layer) for key in ("a", "b") for layer in cfg.model(key).layers]
-    for key in ("a", "b"):
-        validate_sae_config(cfg.sae, cache.d_model(key), len(cache.rows(key, "train")))
+    for key, layer in groups:
+        validate_sae_config(cfg.sae.for_layer(key, layer), cache.d_model(key), len(cache.rows(key, "train")))
     if distribute_modules:
         split_work(len(groups), dist, "SAE groups to train (models x layers; a layer's seeds train together)",
                    "drop --distribute-modules to train each SAE data-parallel over all ranks")
@@ -848,6 +849,7 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
     """
     acts, max_norm, train_rows, layer_train, layer_held = data
     d_model = cache.d_model(key)
+    scfg = cfg.sae.for_layer(key, layer)  # `sae.per_layer` overrides applied
     data_seed = seeds[0]
     dirs = [cfg.sae_dir(key, layer, s) for s in seeds]
     fps = [_fingerprint(cfg, cache, key, layer, s, data_seed) for s in seeds]
@@ -863,7 +865,7 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
             if backends is not None:
                 meta["prepend_bos"] = bool(backends[key].has_bos)
             metas.append(meta)
-        saes = train_saes(acts, layer_train, cfg.sae, [seeds[i] for i in todo], [dirs[i] for i in todo], resume, progress,
+        saes = train_saes(acts, layer_train, scfg, [seeds[i] for i in todo], [dirs[i] for i in todo], resume, progress,
                           metas, dist=dist, data_seed=data_seed)
         wall = (time.perf_counter() - t0) / len(todo)  # one pass trains them all: each is charged its share
         for i, sae in zip(todo, saes):
@@ -888,8 +890,8 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
                 atomic_write_json(dirs[i] / METRICS_FILE, metrics[i])
             metrics[i] = dist.broadcast_object(metrics[i])
         row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
-               "architecture": cfg.sae.architecture, "d_sae": d_model * cfg.sae.expansion_factor,
-               "train_tokens": (cfg.sae.train_tokens // cfg.sae.batch_size) * cfg.sae.batch_size,
+               "architecture": scfg.architecture, "d_sae": d_model * scfg.expansion_factor,
+               "train_tokens": (scfg.train_tokens // scfg.batch_size) * scfg.batch_size,
                "wall_s": round(metrics[i].get("train_wall_s", time.perf_counter() - t0), 2)}
         row["masked_rows"] = int(cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["dropped"])  # of all cached rows
         row.update({c: metrics[i].get(c, "") for c in CSV_COLUMNS if c not in row})
