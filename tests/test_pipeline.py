@@ -68,6 +68,33 @@ def test_rerun_skips_everything_without_loading_a_model(finished_run, capsys):
     assert "loaded" not in out and out.count("up to date, skipped") == 5
 
 
+def _rewrite_timings(manifest_path):
+    m = json.loads(manifest_path.read_text())
+    m["extract_seconds"] = m.get("extract_seconds", 0) + 123.0
+    m["tokens_per_second"] = 1.0
+    for model in m["models"].values():
+        model.get("source", {})["load_s"] = 99.0
+    manifest_path.write_text(json.dumps(m, indent=1))
+
+
+def test_rewritten_timing_fields_leave_every_stage_and_every_sae_up_to_date(finished_run, capsys):
+    """Issue 15: the SAE fingerprint and the stage digests hash the fields that define the data, not timings."""
+    from crossdict.train import run_train
+
+    cfg, _ = finished_run
+    for path in (cfg.cache_dir / "manifest.json", cfg.run_dir / "cache_random" / "manifest.json"):
+        _rewrite_timings(path)
+    weights = sorted((cfg.run_dir / "saes").rglob("sae_weights.safetensors"))
+    assert weights
+    before = {w: w.stat().st_mtime_ns for w in weights}
+    capsys.readouterr()
+    status = run_all(cfg, progress=False)
+    out = capsys.readouterr().out
+    assert set(status.values()) == {"skipped"}, out
+    run_train(cfg, progress=False)  # `crossdict train` alone reuses every SAE too
+    assert {w: w.stat().st_mtime_ns for w in weights} == before
+
+
 def test_config_change_reruns_exactly_the_stages_it_reaches(finished_run, tiny_models, capsys):
     cfg, _ = finished_run
     changed = tiny_run_config(tiny_models, cfg.run_dir.parent.parent, n_null=5)

@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .backend import Backend, Batch
-from .cache import ActivationCache, hook_name, massive_threshold
+from .cache import ActivationCache, hook_name, manifest_identity, massive_threshold
 from .config import RunConfig, SAEConfig
 from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
 from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
@@ -665,8 +665,13 @@ def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | N
     return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
 
 
-def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int) -> dict:
-    manifest = json.dumps(cache.manifest, sort_keys=True, default=str)
+def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int,
+                 legacy: bool = False) -> dict:
+    """What an SAE is a function of: its config, seeds, model, layer and the cache's data-defining fields.
+
+    `legacy`: the fingerprint SAEs trained before issue 15 carry (a hash of the whole manifest, timings
+    included); such an SAE is still reused when it matches, so old runs do not retrain once."""
+    manifest = json.dumps(cache.manifest if legacy else manifest_identity(cache.manifest), sort_keys=True, default=str)
     return {"sae_config": _config_dict(cfg.sae), "seed": seed, "data_seed": data_seed, "model": cfg.model(key).name,
             "layer": layer, "cache": hashlib.sha256(manifest.encode()).hexdigest()[:16]}
 
@@ -756,7 +761,9 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
     fps = [_fingerprint(cfg, cache, key, layer, s, data_seed) for s in seeds]
     t0 = time.perf_counter()
     # Rank 0 decides, so no rank reads files another is about to write.
-    metrics = dist.broadcast_object([_reusable_metrics(d, fp) for d, fp in zip(dirs, fps)] if dist.is_main else None)
+    legacy = [_fingerprint(cfg, cache, key, layer, s, data_seed, legacy=True) for s in seeds]
+    metrics = dist.broadcast_object([_reusable_metrics(d, (fp, old)) for d, fp, old in zip(dirs, fps, legacy)]
+                                    if dist.is_main else None)
     todo = [i for i, m in enumerate(metrics) if m is None]
     if todo:
         metas = []
@@ -820,7 +827,8 @@ def _group_stability(cfg: RunConfig, key: str, layer: int, seeds: list[int], dir
     return out
 
 
-def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
+def _reusable_metrics(out_dir: Path, fps: tuple[dict, ...]) -> dict | None:
+    """The saved metrics of a complete SAE whose fingerprint is one of `fps`, else None (train it)."""
     if not (is_complete(out_dir) and (out_dir / METRICS_FILE).is_file()):
         return None
     try:
@@ -828,7 +836,7 @@ def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
         metrics = read_json(out_dir / METRICS_FILE, "SAE metrics")
     except ValueError:
         return None
-    return metrics if extra.get("spec", {}).get("metadata", {}).get("fingerprint") == fp else None
+    return metrics if extra.get("spec", {}).get("metadata", {}).get("fingerprint") in fps else None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
