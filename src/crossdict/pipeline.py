@@ -3,7 +3,8 @@
 A stage is current when the record it left in `runs/<name>/stages/<stage>.json` names the same
 inputs (its config sections plus a digest of every upstream stage's output files) and its own
 output files still have the digest recorded. So a finished run reruns in seconds without loading a
-model; a config change reruns exactly the stages it reaches, and says which key made it; an
+model; a config change reruns exactly the stages it reaches, and says which key made it (except a
+change to what the activation cache holds, which extraction refuses, naming the keys: see README); an
 edited or deleted output file reruns the stage that owns it. An interrupted stage left no record:
 it runs again and resumes inside (extraction by shard, SAE training from its last checkpoint).
 """

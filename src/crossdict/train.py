@@ -216,7 +216,7 @@ def _load_checkpoint(path: Path, expect: dict) -> tuple[dict, dict[str, torch.Te
     diffs = [f"{k}: checkpoint has {header.get(k)!r}, this run has {v!r}" for k, v in expect.items() if header.get(k) != v]
     if diffs:
         raise StaleCheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(diffs)}); it was left in "
-                              "place — delete it or run without resume")
+                              "place — delete it or rerun with --restart")
     return header, tensors
 
 
@@ -225,8 +225,10 @@ def resume_state(ckpt_path: Path, expect: dict, resume: bool | str, model: torch
                  ) -> tuple[int, list[dict], torch.Tensor | None]:
     """(first step, log rows before it, restored since_fired or None) for a trainer starting up.
 
-    `resume="auto"` (what `crossdict run` uses) restarts from scratch when the checkpoint was made for
-    another config and says so ("<stage>: <reason>; training <what> from the start"); `resume=True` refuses instead.
+    `resume="auto"` (what `crossdict run`, `train` and `crosscode` use unless `--restart`) resumes a matching
+    checkpoint and says so ("<stage>: resuming <what> from step N of M"), and restarts from scratch when the
+    checkpoint was made for another config, saying so too ("<stage>: <reason>; training <what> from the start");
+    `resume=True` refuses a checkpoint of another config instead; `resume=False` ignores (and later overwrites) it.
     """
     if not (resume and ckpt_path.is_file()):
         return 0, [], None
@@ -240,6 +242,9 @@ def resume_state(ckpt_path: Path, expect: dict, resume: bool | str, model: torch
         return 0, [], None
     since_fired = _restore(model, opt, header, tensors, ckpt_path)
     start = int(header["step"])
+    if not quiet:
+        print(f"[crossdict] {stage}: resuming {what} from step {start} of {header.get('n_steps', '?')} ({ckpt_path}; "
+              "--restart discards it)")
     return start, [r for r in _read_log(log_path) if r["step"] < start], since_fired
 
 
@@ -427,7 +432,8 @@ def train_saes(
     first = min(r.start for r in runs)
     names = ", ".join(r.out_dir.name for r in runs)
     pbar = tqdm(total=n_steps, initial=first, disable=not (progress and dist.is_main),
-                desc=f"SAE {sae_cfg.architecture} {names}", dynamic_ncols=True)
+                desc=f"SAE {sae_cfg.architecture} {names}" + (f" (resuming from step {first} of {n_steps})" if first else ""),
+                dynamic_ncols=True)
     take = lambda step: acts.take(stream(step)[lo:hi])  # noqa: E731  (this rank's slice of batch `step`)
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(take, first) if first < stop else None
