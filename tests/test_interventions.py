@@ -325,3 +325,28 @@ def test_transferred_sae_on_the_rotated_copy_recovers_the_loss_and_a_random_map_
     assert tr["fvu"] == pytest.approx(own["fvu"], abs=1e-4)
     assert floor["fvu"] > 5 * tr["fvu"] and floor["kl"] > 5 * tr["kl"]
     assert own["err_top_pc_share"] < 0.01  # a PCA SAE's error lives outside the top principal directions
+
+
+def test_no_significant_match_names_the_null_resolution_when_it_is_the_cause():
+    """Issue 15: a tiny run with the default align.n_match_null = 1000 can reach q < 0.05 with no pair: the p floor
+    1/1001 times 300 BH tests is 0.3 even for the 2 pairs at the floor. The error must say so, with the numbers."""
+    from crossdict.config import config_from_dict
+    from crossdict.interventions import TransferError, select_pairs
+    from crossdict.stats import bh_qvalues
+
+    cfg = config_from_dict({"model_a": {"name": "smollm2-135m", "layers": [8]}, "model_b": {"name": "gemma3-270m", "layers": [5]}})
+    p = np.r_[np.full(2, 1 / 1001), np.linspace(0.01, 1.0, 298)]
+    q = bh_qvalues(p)
+    assert q.min() >= 0.05
+    matches = [MatchedPair(8, 5, i, i, 0.5, float(qi), p_value=float(pi)) for i, (pi, qi) in enumerate(zip(p, q))]
+    with pytest.raises(TransferError) as err:
+        select_pairs(cfg, 8, 5, matches, None, 0, lambda f: [])
+    msg = str(err.value)
+    assert "no significant feature matches" in msg
+    assert "align.n_match_null=1000" in msg and "1/1001" in msg and "2 of the 300 tested pairs" in msg, msg
+    assert "q = 0.15" in msg and "at least 6000" in msg, msg  # 1/(6000+1) x 300 tests < 0.05: one pair at the floor passes
+    # With pairs well above the floor the data, not the null, is the limit: no such hint.
+    far = [MatchedPair(8, 5, i, i, 0.5, 1.0, p_value=0.5) for i in range(300)]
+    with pytest.raises(TransferError) as err:
+        select_pairs(cfg, 8, 5, far, None, 0, lambda f: [])
+    assert "n_match_null" not in str(err.value)
