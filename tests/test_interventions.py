@@ -350,3 +350,43 @@ def test_no_significant_match_names_the_null_resolution_when_it_is_the_cause():
     with pytest.raises(TransferError) as err:
         select_pairs(cfg, 8, 5, far, None, 0, lambda f: [])
     assert "n_match_null" not in str(err.value)
+
+
+def test_injection_controls_have_the_norm_of_the_injected_candidate(llama, monkeypatch):
+    """Issue 15 planted bug: controls drawn at unit norm (or the raw decoder norm) while the candidate is injected at
+    alpha * s_b * ||d_b||. A control must differ from the candidate only in direction, so every control vector that
+    reaches the model has exactly the norm of the candidate B vector injected at the same alpha."""
+    from crossdict import interventions
+
+    Q, twin, sae_a, sae_b = rotated_pair(llama)
+    with torch.no_grad():
+        sae_b.W_dec.mul_(3.0)  # raw decoder norm 3, so a control scaled by alpha * s_b alone is 3x off
+    batches = [llama.tokenize(TEXTS[:2], 24)]
+    strings = vocab_strings(llama.tokenizer)
+    vocab = shared_vocab(strings, strings)
+    a = Side(llama, 1, sae_a, clean_run(llama, batches), strings)
+    b = Side(twin, 1, sae_b, clean_run(twin, batches), strings)
+    freq = np.random.default_rng(0).uniform(0.01, 0.2, sae_a.d_sae)
+    ctrl_norms, cand_norms = [], []
+    real_many, real_inject = interventions.shifts_many, interventions.inject
+
+    def spy_many(backend, batches, layer, vectors, *a, **k):
+        ctrl_norms.append(vectors.double().norm(dim=1))
+        return real_many(backend, batches, layer, vectors, *a, **k)
+
+    def spy_inject(backend, clean, layer, vector, ids):
+        if backend is twin:
+            cand_norms.append(float(vector.double().norm()))
+        return real_inject(backend, clean, layer, vector, ids)
+
+    monkeypatch.setattr(interventions, "shifts_many", spy_many)
+    monkeypatch.setattr(interventions, "inject", spy_inject)
+    s_b, alpha = 2.5, 4.0
+    cov = interventions.covariance_root(np.random.default_rng(1).normal(size=(300, llama.d_model)) * 3.0, None)
+    injection_rows(MatchedPair(1, 1, 5, 5, 0.9, 0.001), a, b, Q.numpy(), 2.0, s_b, [alpha], vocab, 9, 2.0, 4, 10,
+                   torch.Generator().manual_seed(0), freq_a=freq, cov_root=cov)
+    want = alpha * s_b * float(interventions.raw_decoder(sae_b)[5].double().norm())
+    assert want != pytest.approx(1.0) and len(ctrl_norms) == 3  # specificity, on-manifold, isotropic
+    assert cand_norms[0] == pytest.approx(want, rel=1e-5)  # b_matched
+    for norms in ctrl_norms:
+        torch.testing.assert_close(norms, torch.full_like(norms, want), rtol=1e-5, atol=0.0)
