@@ -113,3 +113,17 @@ def test_corpus_errors(tmp_path):
         passages(CorpusConfig(source=str(tmp_path / "x.jsonl")))
     with pytest.raises(CorpusError, match="expected hf:<dataset>/<config>:<split>"):
         passages(CorpusConfig(source="hf:wikitext"))
+
+
+@pytest.mark.parametrize("flags,expect", [([], "auto"), (["--resume"], "auto"), (["--restart"], False)])
+def test_train_resumes_by_default_and_restart_discards(tmp_path, monkeypatch, flags, expect):
+    """Issue 15 item 5: `crossdict train` after a kill resumes its checkpoint unless --restart."""
+    import crossdict.train as train
+    from crossdict.cli import main
+
+    seen = {}
+    monkeypatch.setattr(train, "run_train", lambda cfg, resume, **k: seen.setdefault("resume", resume))
+    p = tmp_path / "c.yaml"
+    p.write_text(BASE + f"output_dir: {tmp_path}\n")
+    assert main(["train", "--config", str(p), "--no-progress", *flags]) == 0
+    assert seen["resume"] == expect

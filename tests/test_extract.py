@@ -95,8 +95,13 @@ def test_resume_reuse_and_mismatch(tiny_models, tmp_path, capsys):
     np.testing.assert_array_equal(cache.acts("a", 2).take(np.arange(50)), before)
     # A config that changes what would be cached is refused with the differing keys named.
     other = make_cfg(tiny_models, tmp_path, max_passages=30)
-    with pytest.raises(CacheMismatchError, match=r"corpus.max_passages: cache has 60, config asks 30"):
+    with pytest.raises(CacheMismatchError, match=r"corpus.max_passages: cache has 60, config asks 30") as err:
         run_extract(other, progress=False)
+    assert f"rm -r {cfg.cache_dir}" in str(err.value) and "--set run_name=" in str(err.value)  # the way past it (README)
+    import shutil
+
+    shutil.rmtree(cfg.cache_dir)  # ... which works: the new config extracts
+    assert ActivationCache(run_extract(other, progress=False).dir).manifest["counts"]["n_passages"] <= 30
 
 
 def test_truncated_cache_file(tiny_models, tmp_path):

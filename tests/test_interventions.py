@@ -420,3 +420,68 @@ def test_subsampled_shared_vocab_keeps_the_string_pairing_and_agreement(tiny_tok
 
         config_from_dict({"model_a": {"name": "x", "layers": [1]}, "model_b": {"name": "y", "layers": [1]},
                           "transfer": {"max_shared_strings": 10}})
+
+
+def test_no_significant_match_names_the_null_resolution_when_it_is_the_cause():
+    """Issue 15: a tiny run with the default align.n_match_null = 1000 can reach q < 0.05 with no pair: the p floor
+    1/1001 times 300 BH tests is 0.3 even for the 2 pairs at the floor. The error must say so, with the numbers."""
+    from crossdict.config import config_from_dict
+    from crossdict.interventions import TransferError, select_pairs
+    from crossdict.stats import bh_qvalues
+
+    cfg = config_from_dict({"model_a": {"name": "smollm2-135m", "layers": [8]}, "model_b": {"name": "gemma3-270m", "layers": [5]}})
+    p = np.r_[np.full(2, 1 / 1001), np.linspace(0.01, 1.0, 298)]
+    q = bh_qvalues(p)
+    assert q.min() >= 0.05
+    matches = [MatchedPair(8, 5, i, i, 0.5, float(qi), p_value=float(pi)) for i, (pi, qi) in enumerate(zip(p, q))]
+    with pytest.raises(TransferError) as err:
+        select_pairs(cfg, 8, 5, matches, None, 0, lambda f: [])
+    msg = str(err.value)
+    assert "no significant feature matches" in msg
+    assert "align.n_match_null=1000" in msg and "1/1001" in msg and "2 of the 300 tested pairs" in msg, msg
+    assert "q = 0.15" in msg and "at least 6000" in msg, msg  # 1/(6000+1) x 300 tests < 0.05: one pair at the floor passes
+    # With pairs well above the floor the data, not the null, is the limit: no such hint.
+    far = [MatchedPair(8, 5, i, i, 0.5, 1.0, p_value=0.5) for i in range(300)]
+    with pytest.raises(TransferError) as err:
+        select_pairs(cfg, 8, 5, far, None, 0, lambda f: [])
+    assert "n_match_null" not in str(err.value)
+
+
+def test_injection_controls_have_the_norm_of_the_injected_candidate(llama, monkeypatch):
+    """Issue 15 planted bug: controls drawn at unit norm (or the raw decoder norm) while the candidate is injected at
+    alpha * s_b * ||d_b||. A control must differ from the candidate only in direction, so every control vector that
+    reaches the model has exactly the norm of the candidate B vector injected at the same alpha."""
+    from crossdict import interventions
+
+    Q, twin, sae_a, sae_b = rotated_pair(llama)
+    with torch.no_grad():
+        sae_b.W_dec.mul_(3.0)  # raw decoder norm 3, so a control scaled by alpha * s_b alone is 3x off
+    batches = [llama.tokenize(TEXTS[:2], 24)]
+    strings = vocab_strings(llama.tokenizer)
+    vocab = shared_vocab(strings, strings)
+    a = Side(llama, 1, sae_a, clean_run(llama, batches), strings)
+    b = Side(twin, 1, sae_b, clean_run(twin, batches), strings)
+    freq = np.random.default_rng(0).uniform(0.01, 0.2, sae_a.d_sae)
+    ctrl_norms, cand_norms = [], []
+    real_many, real_inject = interventions.shifts_many, interventions.inject
+
+    def spy_many(backend, batches, layer, vectors, *a, **k):
+        ctrl_norms.append(vectors.double().norm(dim=1))
+        return real_many(backend, batches, layer, vectors, *a, **k)
+
+    def spy_inject(backend, clean, layer, vector, ids):
+        if backend is twin:
+            cand_norms.append(float(vector.double().norm()))
+        return real_inject(backend, clean, layer, vector, ids)
+
+    monkeypatch.setattr(interventions, "shifts_many", spy_many)
+    monkeypatch.setattr(interventions, "inject", spy_inject)
+    s_b, alpha = 2.5, 4.0
+    cov = interventions.covariance_root(np.random.default_rng(1).normal(size=(300, llama.d_model)) * 3.0, None)
+    injection_rows(MatchedPair(1, 1, 5, 5, 0.9, 0.001), a, b, Q.numpy(), 2.0, s_b, [alpha], vocab, 9, 2.0, 4, 10,
+                   torch.Generator().manual_seed(0), freq_a=freq, cov_root=cov)
+    want = alpha * s_b * float(interventions.raw_decoder(sae_b)[5].double().norm())
+    assert want != pytest.approx(1.0) and len(ctrl_norms) == 3  # specificity, on-manifold, isotropic
+    assert cand_norms[0] == pytest.approx(want, rel=1e-5)  # b_matched
+    for norms in ctrl_norms:
+        torch.testing.assert_close(norms, torch.full_like(norms, want), rtol=1e-5, atol=0.0)

@@ -3,7 +3,9 @@
 - `word_final` pairing testing the character *before* the shared end (text[e-1]) instead of after it;
 - matching q-values equal to the p-values (no Benjamini–Hochberg);
 - the AuxK loss not scaled down when fewer than `aux_k` latents are dead;
-- the decoder rows not renormalised to unit norm after each optimiser step.
+- the decoder rows not renormalised to unit norm after each optimiser step;
+- metric and transfer q-values equal to the p-values (the BH tests below cover every family);
+- random transfer controls not scaled to the candidate's norm: `test_interventions.py::test_injection_controls_have_the_norm_of_the_injected_candidate`.
 """
 
 from __future__ import annotations
@@ -107,3 +109,25 @@ def test_decoder_rows_stay_unit_norm_through_training(tmp_path):
     sae = train_sae(_Arr(x), np.arange(len(x)), cfg, seed=0, out_dir=tmp_path, resume=False, progress=False)
     norms = sae.W_dec.detach().double().norm(dim=1).numpy()
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+
+
+def test_metric_q_values_are_benjamini_hochberg_over_the_metric_family():
+    """metrics.csv: q is BH across every metric row with a p-value (one family), not the p-value itself."""
+    from crossdict.evaluate import add_qvalues
+
+    p = [0.01, 0.04, 0.03, 0.5, 0.02]
+    rows = [{"p_value": v} for v in p] + [{"p_value": float("nan")}]
+    add_qvalues(rows)
+    np.testing.assert_allclose([r["q_value"] for r in rows[:5]], [0.05, 0.05, 0.05, 0.5, 0.05])
+    assert np.isnan(rows[5]["q_value"])
+
+
+def test_transfer_q_values_are_benjamini_hochberg_within_each_family():
+    """transfer.csv: q is BH within each named family (direction x control x alpha), not across, and not p."""
+    from crossdict.interventions import bh_by_family
+
+    rows = [{"family": "f1", "p_value": v} for v in (0.01, 0.04, 0.03, 0.5, 0.02)]
+    rows += [{"family": "f2", "p_value": 0.01}, {"family": "f2", "p_value": 0.04}, {"p_value": 0.2}]
+    bh_by_family(rows)
+    np.testing.assert_allclose([r["q_value"] for r in rows[:7]], [0.05, 0.05, 0.05, 0.5, 0.05, 0.02, 0.04])
+    assert "q_value" not in rows[7]  # no family: not corrected into any

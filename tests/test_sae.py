@@ -202,6 +202,32 @@ def test_resume_is_bit_identical(tmp_path, arch):
     assert torch.equal(a.W_enc, b.W_enc) and torch.equal(a.b_dec, b.b_dec)
 
 
+def test_auto_resume_says_so_and_restarts_a_checkpoint_of_another_config(tmp_path, capsys):
+    """Issue 15 item 5: `crossdict train` resumes a matching checkpoint by default ("resuming from step N of M");
+    one made for another config (here another lr) is not resumed silently: training restarts, with a message."""
+    x, _ = planted(3000, d=32, n_feat=64, seed=1)
+    acts, rows = Arr(x), np.arange(2500)
+    cfg = small_cfg()
+    straight = train_sae(acts, rows, cfg, seed=3, out_dir=tmp_path / "straight", resume=False, progress=False)
+    train_sae(acts, rows, cfg, seed=3, out_dir=tmp_path / "resumed", resume=False, progress=False, max_steps=20)
+    capsys.readouterr()
+    resumed = train_sae(acts, rows, cfg, seed=3, out_dir=tmp_path / "resumed", resume="auto", progress=False)
+    assert "resuming this SAE from step 20 of 40" in capsys.readouterr().out
+    assert torch.equal(resumed.W_dec, straight.W_dec)
+
+    other = small_cfg(lr=1e-3)
+    fresh = train_sae(acts, rows, other, seed=3, out_dir=tmp_path / "fresh", resume=False, progress=False)
+    train_sae(acts, rows, cfg, seed=3, out_dir=tmp_path / "other", resume=False, progress=False, max_steps=20)
+    capsys.readouterr()
+    restarted = train_sae(acts, rows, other, seed=3, out_dir=tmp_path / "other", resume="auto", progress=False)
+    out = capsys.readouterr().out
+    assert "belongs to a different run" in out and "lr" in out and "from the start" in out
+    assert torch.equal(restarted.W_dec, fresh.W_dec)  # the lr=2e-3 checkpoint was not mixed in
+    train_sae(acts, rows, cfg, seed=3, out_dir=tmp_path / "other2", resume=False, progress=False, max_steps=20)
+    with pytest.raises(train_mod.StaleCheckpointError, match="different run"):  # an explicit resume=True refuses
+        train_sae(acts, rows, other, seed=3, out_dir=tmp_path / "other2", resume=True, progress=False)
+
+
 def test_batch_stream_is_deterministic_and_covers_epochs():
     rows = np.arange(100, 150)
     s = BatchStream(rows, 16, seed=7)

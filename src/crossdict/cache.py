@@ -357,5 +357,26 @@ def write_row_masks(cache: "ActivationCache", ratio: float) -> dict:
     return field_
 
 
+VOLATILE_MANIFEST_FIELDS = ("extract_seconds", "tokens_per_second", "crossdict", "row_mask")
+"""Manifest fields that do not define the cached data: timings, the writing version, and the row mask's
+summary (rewritten whenever `sae.max_norm_ratio` changes; that key is in every consumer's own config)."""
+
+
+def manifest_identity(manifest: dict) -> dict:
+    """The manifest without its volatile fields (and without each model's load time): what defines the data.
+
+    SAE fingerprints and stage digests hash this, so re-writing a manifest's timings reruns nothing."""
+    out = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS}
+    models = {}
+    for key, m in (manifest.get("models") or {}).items():
+        m = dict(m)
+        if isinstance(m.get("source"), dict):
+            m["source"] = {k: v for k, v in m["source"].items() if k != "load_s"}
+        models[key] = m
+    if models:
+        out["models"] = models
+    return out
+
+
 def write_manifest(cache_dir: Path, manifest: dict) -> None:
     atomic_write_json(Path(cache_dir) / "manifest.json", manifest)

@@ -1,10 +1,10 @@
 """`crossdict` command line: one subcommand per pipeline stage, plus `run` for all of them.
 
     crossdict extract   --config configs/embedded.yaml     text -> activations (+ anchor pairs)
-    crossdict train     --config ... [--seeds 0 1]         activations -> SAEs
+    crossdict train     --config ... [--seeds 0 1] [--restart]   activations -> SAEs (resumes a checkpoint)
     crossdict align     --config ... [--layers 8 15]       SAEs + activations -> maps, matches, metrics
     crossdict transfer  --config ... [--layer 8 --feature_idx 12 --alpha 5]   steer B with A's features, stitch
-    crossdict crosscode --config ... [--resume]            activations -> crosscoders (optional stage)
+    crossdict crosscode --config ... [--restart]           activations -> crosscoders (optional stage)
     crossdict report    --config ...                       run files -> report/index.html
     crossdict export    --config ... [--format saedashboard|neuronpedia] [--features a:8:12]   dashboard JSON
     crossdict run       --config ...                       all stages, skipping finished ones
@@ -51,6 +51,18 @@ def _device(p: argparse.ArgumentParser) -> None:
                    help="override the config's device (under torchrun a CUDA rank uses cuda:LOCAL_RANK)")
 
 
+def _resume_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--restart", action="store_true",
+                   help="discard checkpoints and train from step 0 (default: resume a checkpoint made for this config)")
+    g.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+
+
+def _resume(args) -> bool | str:
+    """"auto": resume a checkpoint of this config, restart (saying why) one of another; False with --restart."""
+    return False if args.restart else "auto"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crossdict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one SAE per model and layer")
     _common(p)
     p.add_argument("--seeds", type=int, nargs="+", help="SAE seeds (default: sae.seeds from the config)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _resume_flags(p)
     _device(p)
     p.add_argument("--distribute-modules", action="store_true",
                    help="under torchrun: each rank trains whole SAEs (one layer per rank) instead of data-parallel")
@@ -80,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("crosscode", help="train one crosscoder per layer pair on anchor-paired activations, compare with the SAEs")
     _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _resume_flags(p)
 
     p = sub.add_parser("report", help="write the self-contained HTML report from the run's files")
     _common(p)
@@ -240,9 +252,9 @@ def _main(args: argparse.Namespace) -> int:
             if pretrained_layers(cfg):  # pretrained SAEs are checked and recorded, the rest trained
                 from .pretrained_stage import run_train_with_pretrained
 
-                run_train_with_pretrained(cfg, resume=args.resume, progress=progress)
+                run_train_with_pretrained(cfg, resume=_resume(args), progress=progress)
             else:
-                run_train(cfg, seeds=args.seeds, resume=args.resume, progress=progress, dist=dist,
+                run_train(cfg, seeds=args.seeds, resume=_resume(args), progress=progress, dist=dist,
                           distribute_modules=args.distribute_modules)
         elif args.command == "plan":
             from .plan import print_plan
@@ -261,7 +273,7 @@ def _main(args: argparse.Namespace) -> int:
         elif args.command == "crosscode":
             from .crosscoder import run_crosscode
 
-            run_crosscode(cfg, resume=args.resume, progress=progress)
+            run_crosscode(cfg, resume=_resume(args), progress=progress)
         elif args.command == "report":
             from .report import write_report
 

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .align import LinearMap, map_dir
-from .cache import ActivationCache, hook_name
+from .cache import ActivationCache, hook_name, manifest_identity
 from .config import CrosscoderConfig, RunConfig
 from .evaluate import write_csv
 from .sae import _SparseDecode, _SparseEncode, load_sae
@@ -779,7 +779,7 @@ def _sae_metrics(cfg: RunConfig) -> dict[tuple[str, int], dict]:
 
 def _fingerprint(cfg: RunConfig, cache: ActivationCache, la: int, lb: int, k: int) -> dict:
     return {"crosscoder_config": _config_dict(cfg.crosscoder), "k": k, "layers": [la, lb], "models": [cfg.model_a.name, cfg.model_b.name],
-            "max_norm_ratio": cfg.sae.max_norm_ratio, "cache": stable_hash(cache.manifest)}
+            "max_norm_ratio": cfg.sae.max_norm_ratio, "cache": stable_hash(manifest_identity(cache.manifest))}
 
 
 def _reusable(out_dir: Path, fp: dict) -> Crosscoder | None:

@@ -89,7 +89,8 @@ def check_existing(cache_dir: Path, key: dict) -> dict | None:
         diffs = _describe_mismatch(manifest.get("key", {}), key)
         raise CacheMismatchError(
             f"the activation cache in {cache_dir} was made for another config:\n  " + "\n  ".join(diffs)
-            + f"\nUse another run_name, or delete {cache_dir} to re-extract."
+            + f"\nUse another run_name (--set run_name=NEW), or delete the cache to re-extract (rm -r {cache_dir}; "
+            "every later stage then reruns)."
         )
     return manifest
 

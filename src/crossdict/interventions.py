@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -434,6 +435,8 @@ class MatchedPair:
     feat_b: int
     act_corr: float
     q_value: float
+    p_value: float = math.nan
+    """Its p-value (before Benjamini–Hochberg); NaN when not known."""
     min_freq: float = 1.0
     """The smaller of the two features' firing frequencies on train tokens."""
     n_passages: float = math.inf
@@ -444,7 +447,7 @@ def load_matches(path: Path) -> list[MatchedPair]:
     if not path.is_file():
         raise TransferError(f"no feature matches at {path}; run the align stage first (crossdict align)")
     return [MatchedPair(r["layer_a"], r["layer_b"], r["feat_a"], r["feat_b"], r["act_corr"], r["q_value"],
-                        min(r["freq_a"], r["freq_b"]),
+                        r.get("p_value", math.nan), min(r["freq_a"], r["freq_b"]),
                         min(r.get("n_passages_a", math.inf), r.get("n_passages_b", math.inf)))
             for r in read_matches(path)]
 
@@ -479,7 +482,7 @@ def with_support(cfg: RunConfig, cache: ActivationCache, la: int, lb: int, sae_a
     out = []
     for m in here:
         n = m.n_passages if fb is None else min(len(fa[m.feat_a]), len(fb[m.feat_b]))
-        out.append(MatchedPair(m.layer_a, m.layer_b, m.feat_a, m.feat_b, m.act_corr, m.q_value, m.min_freq, n))
+        out.append(dataclasses.replace(m, n_passages=n))
     return out, fa
 
 
@@ -791,6 +794,30 @@ def _check_alpha(alphas: list[float]) -> list[float]:
     return [float(a) for a in alphas if a != 0.0]  # α = 0 is the identity (tests check it is bit-exact)
 
 
+def null_resolution_hint(cfg: RunConfig, tested: list[MatchedPair]) -> str:
+    """Why no match can pass when the shuffle null is too coarse for the number of tests, with the numbers; else "".
+
+    An empirical p-value is at least 1/(n+1) (n = align.n_match_null draws). Benjamini–Hochberg over m tests gives
+    the k pairs at that floor q = m / (k (n+1)); when that is >= q_threshold, no pair can pass whatever the data."""
+    n, thr = cfg.align.n_match_null, cfg.align.q_threshold
+    p = np.array([m.p_value for m in tested], np.float64)
+    p = p[np.isfinite(p)]
+    if cfg.align.match_pvalue != "empirical" or n < 1 or not len(p):
+        return ""
+    floor = 1.0 / (n + 1)
+    k = int((p <= floor * (1 + 1e-9)).sum())
+    if k == 0 or len(p) * floor / k < thr:
+        return ""
+    m = len(p)
+    need = math.floor(m / thr)
+    while m / (need + 1) >= thr:
+        need += 1
+    return (f". The shuffle null's resolution is the cause: with align.n_match_null={n} the smallest p-value is "
+            f"1/{n + 1} = {floor:.2g}; {k} of the {m} tested pairs reached it, and Benjamini–Hochberg over {m} tests gives "
+            f"them q = {m * floor / k:.2g} >= align.q_threshold {thr}. Raise align.n_match_null to at least {need} "
+            f"(then one pair at the floor reaches q < {thr}) and rerun align, or test fewer pairs")
+
+
 def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], feature_idx: int | None, d_sae_a: int,
                  candidates: Callable[[int], list]) -> list[MatchedPair]:
     """The matched pairs to test at (la, lb): `feature_idx` alone, or the top `transfer.n_features` by correlation."""
@@ -799,10 +826,11 @@ def select_pairs(cfg: RunConfig, la: int, lb: int, matches: list[MatchedPair], f
         common = sorted((m for m in sig if m.min_freq >= cfg.transfer.min_freq
                          and m.n_passages >= cfg.transfer.min_support_passages), key=lambda m: -m.act_corr)
         if not common:
+            hint = "" if sig else null_resolution_hint(cfg, [m for m in matches if (m.layer_a, m.layer_b) == (la, lb)])
             raise TransferError(f"layers (a={la}, b={lb}) have no significant feature matches (q < {cfg.align.q_threshold}) "
                                 f"whose features both fire on >= {cfg.transfer.min_freq} of train tokens (transfer.min_freq) "
                                 f"and in >= {cfg.transfer.min_support_passages} held-out passages "
-                                "(transfer.min_support_passages)")
+                                "(transfer.min_support_passages)" + hint)
         return common[: cfg.transfer.n_features]
     if not 0 <= feature_idx < d_sae_a:
         raise TransferError(f"--feature_idx {feature_idx} is out of range: A's SAE at layer {la} has {d_sae_a} features "

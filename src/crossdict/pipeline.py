@@ -3,7 +3,8 @@
 A stage is current when the record it left in `runs/<name>/stages/<stage>.json` names the same
 inputs (its config sections plus a digest of every upstream stage's output files) and its own
 output files still have the digest recorded. So a finished run reruns in seconds without loading a
-model; a config change reruns exactly the stages it reaches, and says which key made it; an
+model; a config change reruns exactly the stages it reaches, and says which key made it (except a
+change to what the activation cache holds, which extraction refuses, naming the keys: see README); an
 edited or deleted output file reruns the stage that owns it. An interrupted stage left no record:
 it runs again and resumes inside (extraction by shard, SAE training from its last checkpoint).
 """
@@ -205,17 +206,40 @@ REPORT_VERSION = 2
 # --- records ------------------------------------------------------------------------------------
 
 
-def files_digest(paths: list[Path]) -> str | None:
-    """sha256 over the files' bytes; None if any is missing (the stage must run)."""
+def files_digest(paths: list[Path], raw: bool = False) -> str | None:
+    """sha256 over the files' bytes; None if any is missing (the stage must run).
+
+    A cache `manifest.json` counts by its data-defining fields (`cache.manifest_identity`), so a
+    manifest re-written with new timings leaves its stage current; `raw` hashes every byte (records
+    written before DIGEST_VERSION 2 hold that digest)."""
     h = hashlib.sha256()
     for p in paths:
         if not p.is_file():
             return None
         h.update(str(p.name).encode())
+        if p.name == "manifest.json" and not raw:
+            h.update(_manifest_bytes(p))
+            continue
         with p.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:20]
+
+
+DIGEST_VERSION = 2
+"""2: cache manifests hashed by their data-defining fields (issue 15). Records without it hold raw digests."""
+
+
+def _manifest_bytes(p: Path) -> bytes:
+    from .cache import manifest_identity
+
+    try:
+        m = json.loads(p.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return p.read_bytes()  # not JSON: its bytes (the stage that reads it names the problem)
+    if not isinstance(m, dict):
+        return p.read_bytes()
+    return json.dumps(manifest_identity(m), sort_keys=True, default=str).encode()
 
 
 def _record_path(cfg: RunConfig, name: str) -> Path:
@@ -289,7 +313,8 @@ def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
         inputs = {"config": stage.config(cfg), "upstream": {u: digests[u] for u in stage.upstream}}
         path = _record_path(cfg, stage.name)
         record = read_json(path, "stage record") if path.is_file() else None
-        reason = damaged(cfg, stage.name) or why_stale(record, inputs, files_digest(stage.outputs(cfg)))
+        legacy = record is not None and record.get("digest_version", 1) < DIGEST_VERSION
+        reason = damaged(cfg, stage.name) or why_stale(record, inputs, files_digest(stage.outputs(cfg), raw=legacy))
         if reason is None:
             print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: up to date, skipped")
             digests[stage.name] = record["outputs"]
@@ -303,7 +328,7 @@ def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
         if digests[stage.name] is None:
             missing = [str(p) for p in stage.outputs(cfg) if not p.is_file()]
             raise RuntimeError(f"stage {stage.name} finished without writing {missing}")
-        atomic_write_json(path, {"inputs": inputs, "outputs": digests[stage.name],
+        atomic_write_json(path, {"inputs": inputs, "outputs": digests[stage.name], "digest_version": DIGEST_VERSION,
                                  "seconds": round(time.perf_counter() - ts, 1), "crossdict": __version__})
         status[stage.name] = "ran"
     _summary(cfg)

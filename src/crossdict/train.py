@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .backend import Backend, Batch
-from .cache import ActivationCache, hook_name, massive_threshold
+from .cache import ActivationCache, hook_name, manifest_identity, massive_threshold
 from .config import RunConfig, SAEConfig
 from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
 from .sae import SAE, SAESpec, is_complete, load_sae, save_sae
@@ -222,7 +222,7 @@ def _load_checkpoint(path: Path, expect: dict) -> tuple[dict, dict[str, torch.Te
     diffs = [f"{k}: checkpoint has {header.get(k)!r}, this run has {v!r}" for k, v in expect.items() if header.get(k) != v]
     if diffs:
         raise StaleCheckpointError(f"checkpoint {path} belongs to a different run ({'; '.join(diffs)}); it was left in "
-                              "place — delete it or run without resume")
+                              "place — delete it or rerun with --restart")
     return header, tensors
 
 
@@ -231,8 +231,10 @@ def resume_state(ckpt_path: Path, expect: dict, resume: bool | str, model: torch
                  ) -> tuple[int, list[dict], torch.Tensor | None]:
     """(first step, log rows before it, restored since_fired or None) for a trainer starting up.
 
-    `resume="auto"` (what `crossdict run` uses) restarts from scratch when the checkpoint was made for
-    another config and says so ("<stage>: <reason>; training <what> from the start"); `resume=True` refuses instead.
+    `resume="auto"` (what `crossdict run`, `train` and `crosscode` use unless `--restart`) resumes a matching
+    checkpoint and says so ("<stage>: resuming <what> from step N of M"), and restarts from scratch when the
+    checkpoint was made for another config, saying so too ("<stage>: <reason>; training <what> from the start");
+    `resume=True` refuses a checkpoint of another config instead; `resume=False` ignores (and later overwrites) it.
     """
     if not (resume and ckpt_path.is_file()):
         return 0, [], None
@@ -246,6 +248,9 @@ def resume_state(ckpt_path: Path, expect: dict, resume: bool | str, model: torch
         return 0, [], None
     since_fired = _restore(model, opt, header, tensors, ckpt_path)
     start = int(header["step"])
+    if not quiet:
+        print(f"[crossdict] {stage}: resuming {what} from step {start} of {header.get('n_steps', '?')} ({ckpt_path}; "
+              "--restart discards it)")
     return start, [r for r in _read_log(log_path) if r["step"] < start], since_fired
 
 
@@ -433,7 +438,8 @@ def train_saes(
     first = min(r.start for r in runs)
     names = ", ".join(r.out_dir.name for r in runs)
     pbar = tqdm(total=n_steps, initial=first, disable=not (progress and dist.is_main),
-                desc=f"SAE {sae_cfg.architecture} {names}", dynamic_ncols=True)
+                desc=f"SAE {sae_cfg.architecture} {names}" + (f" (resuming from step {first} of {n_steps})" if first else ""),
+                dynamic_ncols=True)
     take = lambda step: acts.take(stream(step)[lo:hi])  # noqa: E731  (this rank's slice of batch `step`)
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(take, first) if first < stop else None
@@ -763,8 +769,13 @@ def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | N
     return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
 
 
-def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int) -> dict:
-    manifest = json.dumps(cache.manifest, sort_keys=True, default=str)
+def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int,
+                 legacy: bool = False) -> dict:
+    """What an SAE is a function of: its config, seeds, model, layer and the cache's data-defining fields.
+
+    `legacy`: the fingerprint SAEs trained before issue 15 carry (a hash of the whole manifest, timings
+    included); such an SAE is still reused when it matches, so old runs do not retrain once."""
+    manifest = json.dumps(cache.manifest if legacy else manifest_identity(cache.manifest), sort_keys=True, default=str)
     return {"sae_config": _config_dict(cfg.sae.for_layer(key, layer)), "seed": seed, "data_seed": data_seed, "model": cfg.model(key).name,
             "layer": layer, "cache": hashlib.sha256(manifest.encode()).hexdigest()[:16]}
 
@@ -855,7 +866,9 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
     fps = [_fingerprint(cfg, cache, key, layer, s, data_seed) for s in seeds]
     t0 = time.perf_counter()
     # Rank 0 decides, so no rank reads files another is about to write.
-    metrics = dist.broadcast_object([_reusable_metrics(d, fp) for d, fp in zip(dirs, fps)] if dist.is_main else None)
+    legacy = [_fingerprint(cfg, cache, key, layer, s, data_seed, legacy=True) for s in seeds]
+    metrics = dist.broadcast_object([_reusable_metrics(d, (fp, old)) for d, fp, old in zip(dirs, fps, legacy)]
+                                    if dist.is_main else None)
     todo = [i for i, m in enumerate(metrics) if m is None]
     if todo:
         metas = []
@@ -920,7 +933,8 @@ def _group_stability(cfg: RunConfig, key: str, layer: int, seeds: list[int], dir
     return out
 
 
-def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
+def _reusable_metrics(out_dir: Path, fps: tuple[dict, ...]) -> dict | None:
+    """The saved metrics of a complete SAE whose fingerprint is one of `fps`, else None (train it)."""
     if not (is_complete(out_dir) and (out_dir / METRICS_FILE).is_file()):
         return None
     try:
@@ -928,7 +942,7 @@ def _reusable_metrics(out_dir: Path, fp: dict) -> dict | None:
         metrics = read_json(out_dir / METRICS_FILE, "SAE metrics")
     except ValueError:
         return None
-    return metrics if extra.get("spec", {}).get("metadata", {}).get("fingerprint") == fp else None
+    return metrics if extra.get("spec", {}).get("metadata", {}).get("fingerprint") in fps else None
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
