@@ -30,6 +30,7 @@ def test_random_floor_works_behind_the_tlens_backend(tiny_models, tiny_tokenizer
 # --- vocabularies and tokenizers ------------------------------------------------------------------
 
 import json  # noqa: E402
+import re  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -149,15 +150,16 @@ def _copy_snapshot(src_cache: Path, dst_cache: Path, name: str) -> Path:
     return standins.snapshot_dir(dst_cache, name)
 
 
-def test_standin_with_a_missing_file_names_it(small_hub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_standin_with_a_missing_file_names_it(small_hub, tmp_path, monkeypatch, missing):
     from huggingface_hub import constants
 
     snap = _copy_snapshot(small_hub, tmp_path, "gpt2")
-    (snap / "model.safetensors").unlink()
-    with pytest.raises(standins.StandinError, match=r"model\.safetensors is missing"):
+    (snap / missing).unlink()
+    with pytest.raises(standins.StandinError, match=rf"{snap / missing} is missing"):
         standins.check_standin(tmp_path, "gpt2")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"could not load 'gpt2' from the model hub .*model\.safetensors"):
+    with pytest.raises(RuntimeError, match=rf"could not load 'gpt2' from the model hub .*{re.escape(str(snap))} lacks {re.escape(missing)}"):
         TLensBackend.load("gpt2")
 
 
