@@ -51,7 +51,11 @@ def main() -> None:
     texts = passages(CorpusConfig(max_passages=args.passages))
     toks = {"gpt2": standins.load_tokenizer("gpt2"), "gpt-neox-20b": standins.load_tokenizer("gpt-neox-20b"),
             "smollm2-135m": packaged_tokenizer("smollm2-135m"), "gemma3-270m": packaged_tokenizer("gemma3-270m")}
-    print(f"{len(texts)} passages of the built-in corpus ({sum(map(len, texts))} characters)")
+    n_chars = sum(map(len, texts))
+    print(f"{len(texts)} passages of the built-in corpus ({n_chars} characters)")
+    for k, t in toks.items():  # more tokens per character on one side caps the other side's paired share
+        n = sum(len(o) for o in ends(t, texts))
+        print(f"{k}: {n} tokens, {n_chars / n:.2f} characters per token")
     print("| A | B | paired share of A's tokens | of B's tokens |\n|---|---|---|---|")
     for a, b, ra, rb in pairing_rates(toks, texts):
         print(f"| {a} | {b} | {ra:.1%} | {rb:.1%} |")

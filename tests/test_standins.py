@@ -30,6 +30,7 @@ def test_random_floor_works_behind_the_tlens_backend(tiny_models, tiny_tokenizer
 # --- vocabularies and tokenizers ------------------------------------------------------------------
 
 import json  # noqa: E402
+import re  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -149,15 +150,16 @@ def _copy_snapshot(src_cache: Path, dst_cache: Path, name: str) -> Path:
     return standins.snapshot_dir(dst_cache, name)
 
 
-def test_standin_with_a_missing_file_names_it(small_hub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_standin_with_a_missing_file_names_it(small_hub, tmp_path, monkeypatch, missing):
     from huggingface_hub import constants
 
     snap = _copy_snapshot(small_hub, tmp_path, "gpt2")
-    (snap / "model.safetensors").unlink()
-    with pytest.raises(standins.StandinError, match=r"model\.safetensors is missing"):
+    (snap / missing).unlink()
+    with pytest.raises(standins.StandinError, match=rf"{snap / missing} is missing"):
         standins.check_standin(tmp_path, "gpt2")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"could not load 'gpt2' from the model hub .*model\.safetensors"):
+    with pytest.raises(RuntimeError, match=rf"could not load 'gpt2' from the model hub .*{re.escape(str(snap))} lacks {re.escape(missing)}"):
         TLensBackend.load("gpt2")
 
 
@@ -202,6 +204,27 @@ def test_failing_hub_gives_the_clear_message_within_seconds(tmp_path, offline):
 
 # --- the seed's configs end to end ----------------------------------------------------------------
 
+# Every stage, report included, at a budget that fits the fast suite. What costs time here is fixed by
+# the real architectures, not by the data: TransformerLens building GPT-2 (124M weights drawn, then
+# overwritten), the random-init floor drawing them again, d=768 eigendecompositions in SVCCA, and
+# GPT-2's 50257-way unembedding in every transfer forward. So: layer 1 of each model (forward passes
+# stop after block 2), 40 passages of 160 characters, one transfer passage of 60 characters, and no
+# token/context input floors (their extra spaces double align's cost; the slow tests keep them).
+FAST_BUDGET = [
+    "corpus.source=builtin:pydocs", "corpus.max_passages=40", "corpus.passage_chars=160", "corpus.heldout_fraction=0.3",
+    "model_a.max_ctx=40", "model_b.max_ctx=40", "model_a.layers=[1]", "model_b.layers=[1]", "device=cpu",
+    "extract.batch_size=40", "extract.shard_passages=40", "extract.layer_sweep_tokens=120",
+    "sae.expansion_factor=2", "sae.k=4", "sae.batch_size=256", "sae.train_tokens=1024", "sae.seeds=[0]",
+    "sae.dead_tokens_threshold=500", "sae.aux_k=8", "sae.lm_eval_passages=1",
+    "align.n_bootstrap=2", "align.n_null=2", "align.n_match_null=19", "align.n_match_bootstrap=2",
+    "align.metric_max_tokens=300", "align.retrieval_candidates=50", "align.retrieval_queries=100",
+    "align.input_floors=[]", "align.min_feature_passages=1", "align.min_feature_tokens=1",
+    "transfer.n_features=1", "transfer.alphas=[4.0]", "transfer.n_random_controls=2", "transfer.n_passages=1",
+    "transfer.passage_chars=60", "transfer.n_patch_features=1", "transfer.n_patch_controls=1",
+    # random weights give no significant matches (and the token-stratified null explains every random-weight
+    # match); transfer still needs a pair to inject
+    "align.match_token_null=false", "align.q_threshold=0.999", "transfer.min_freq=0", "transfer.min_support_passages=1",
+]
 SMALL_BUDGET = [
     "corpus.source=builtin:pydocs", "corpus.max_passages=48", "corpus.passage_chars=300", "corpus.heldout_fraction=0.3",
     "model_a.max_ctx=64", "model_b.max_ctx=64", "device=cpu",
@@ -210,45 +233,110 @@ SMALL_BUDGET = [
     "sae.dead_tokens_threshold=1000", "sae.aux_k=8",
     "align.n_bootstrap=4", "align.n_null=4", "align.n_match_null=19", "align.n_match_bootstrap=2",
     "align.metric_max_tokens=300", "align.retrieval_candidates=50", "align.retrieval_queries=100",
+    "align.min_feature_passages=2", "align.min_feature_tokens=2",
     "transfer.n_features=1", "transfer.alphas=[4.0]", "transfer.n_random_controls=4", "transfer.n_passages=4",
     "transfer.passage_chars=150", "transfer.n_patch_features=1", "transfer.n_patch_controls=2",
     "sae.lm_eval_passages=4",
-    # random weights give no significant matches; transfer still needs a pair to inject
-    "align.q_threshold=0.999", "transfer.min_freq=0",
+    "align.match_token_null=false", "align.q_threshold=0.999", "transfer.min_freq=0", "transfer.min_support_passages=1",
 ]
+STAGES = ["extract", "train", "align", "transfer", "report"]
+
+
+def _cli_args(config: str, out: Path, budget: list[str], extra: list[str]) -> list[str]:
+    sets = [a for kv in [*budget, f"output_dir={out}", *extra] for a in ("--set", kv)]
+    return ["run", "--config", str(ROOT / config), "--no-progress", *sets]
 
 
 def run_seed_config(config: str, hub: Path, out: Path, extra: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    sets = [a for kv in [*SMALL_BUDGET, f"output_dir={out}", *extra] for a in ("--set", kv)]
-    cmd = [sys.executable, "-m", "crossdict.cli", "run", "--config", str(ROOT / config), "--no-progress", *sets]
+    """`crossdict run` in a fresh process, as a user types it (HF_HUB_CACHE set before any import)."""
+    cmd = [sys.executable, "-m", "crossdict.cli", *_cli_args(config, out, SMALL_BUDGET, extra)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(hub)),
                          capture_output=True, text=True, timeout=3000)
     return res, time.perf_counter() - t0
 
 
-def _check_finished(res, out: Path, run_name: str) -> None:
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = out / run_name
-    stages = sorted(p.stem for p in (run / "stages").glob("*.json"))
-    assert stages == sorted(["extract", "train", "align", "transfer", "report"]), stages
+def stage_seconds(run: Path) -> dict[str, float]:
+    return {s: json.loads((run / "stages" / f"{s}.json").read_text())["seconds"] for s in STAGES}
+
+
+def check_finished_run(run: Path, names: list[str], layer_pairs: list[tuple[int, int]]) -> None:
+    """Every stage recorded, the report's sections present, metrics and transfer rows for each layer pair."""
+    import csv
+
+    assert sorted(p.stem for p in (run / "stages").glob("*.json")) == sorted(STAGES)
     html = (run / "report" / "index.html").read_text()
-    assert "EleutherAI/pythia" in html and 'id="summary"' in html
-    manifest = json.loads((run / "cache" / "manifest.json").read_text())
-    assert manifest, "empty cache manifest"
-    print(res.stdout[-1500:])
+    for section in ('id="summary"', 'id="universality"', 'id="layers"', 'id="metrics"', 'id="saes"', 'id="matches"',
+                    'id="transfer"', 'id="browser"', "data:image/png;base64,"):
+        assert section in html, section
+    assert all(n in html for n in names)
+    rows = list(csv.DictReader((run / "report" / "metrics.csv").open()))
+    for la, lb in layer_pairs:
+        here = {(r["space"], r["metric"]): r for r in rows if (int(r["layer_a"]), int(r["layer_b"])) == (la, lb)}
+        for key in [("resid", "linear_cka"), ("resid", "svcca"), ("resid_random_b", "linear_cka")]:
+            assert key in here, (la, lb, key)
+            assert 0.0 <= float(here[key]["value"]) <= 1.0 + 1e-6 and int(here[key]["n_passages"]) >= 2
+    transfer = list(csv.DictReader((run / "report" / "transfer.csv").open()))
+    assert {(int(r["layer_a"]), int(r["layer_b"])) for r in transfer} == set(layer_pairs)
+    assert list(csv.DictReader((run / "report" / "stitching.csv").open()))
 
 
-@pytest.mark.slow  # 312 s on the loaded 2-core machine: over the fast-suite budget
+def check_tl_bos_and_pairing(run: Path, min_rate: float) -> dict:
+    """TransformerLens prepends <|endoftext|> as BOS (never stored, never paired); content tokens are the tokenizer's."""
+    import numpy as np
+
+    from crossdict.cache import ActivationCache
+
+    cache = ActivationCache(run / "cache")
+    counts = json.loads((run / "cache" / "manifest.json").read_text())["counts"]
+    texts = cache.passage_texts()
+    for key, kind in (("a", "gpt-neox-20b"), ("b", "gpt2")):
+        assert cache.model_info(key)["bos"] is True
+        tok = standins.load_tokenizer(kind)
+        rows = cache.tokens(key)  # [n, 6]: passage, position, start, end, token id, split
+        for pid in list(texts)[:5]:
+            mine = rows[rows[:, 0] == pid]
+            assert mine[0, 1] == 1  # position 0 is TL's BOS, not content
+            text = texts[pid][: int(mine[-1, 3])]
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert mine[:, 4].tolist() == ids[: len(mine)], (key, pid)
+        assert not np.isin(rows[:, 4], [tok.convert_tokens_to_ids("<|endoftext|>")]).any()
+    assert counts["pairing_rate_a"] >= min_rate and counts["pairing_rate_b"] >= min_rate, counts
+    return counts
+
+
+def test_small_config_end_to_end_on_standins_fast(hub_cache, tmp_path, one_thread, capsys):
+    """configs/small.yaml through the tlens backend on the stand-ins, every stage, in the fast suite (in-process)."""
+    from crossdict.cli import main
+
+    t0 = time.perf_counter()
+    assert main(_cli_args("configs/small.yaml", tmp_path, FAST_BUDGET, [])) == 0, capsys.readouterr().err[-3000:]
+    wall = time.perf_counter() - t0
+    run = tmp_path / "small"
+    check_finished_run(run, standins.SMALL_PAIR, [(1, 1)])
+    counts = check_tl_bos_and_pairing(run, 0.85)
+    with capsys.disabled():
+        print(f"\nconfigs/small.yaml (fast budget) on stand-ins: {wall:.1f} s; stages {stage_seconds(run)}; "
+              f"pairing rate A {counts['pairing_rate_a']:.3f} B {counts['pairing_rate_b']:.3f}")
+
+
+@pytest.mark.slow  # ~300 s on the loaded 2-core machine: the fast test above covers the path in CI
 def test_small_config_end_to_end_on_standins(small_hub, tmp_path):
     res, wall = run_seed_config("configs/small.yaml", small_hub, tmp_path, ["model_a.layers=[2]", "model_b.layers=[5]"])
-    _check_finished(res, tmp_path, "small")
-    print(f"configs/small.yaml on stand-ins: {wall:.1f} s")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    check_finished_run(tmp_path / "small", standins.SMALL_PAIR, [(2, 5)])
+    check_tl_bos_and_pairing(tmp_path / "small", 0.85)
+    print(f"configs/small.yaml on stand-ins: {wall:.1f} s; stages {stage_seconds(tmp_path / 'small')}")
 
 
 @pytest.mark.slow
 def test_default_config_end_to_end_on_standins(standin_root, tmp_path):
+    """The seed's default pair (24 blocks, d=1024 each) at its three layer pairs, every stage."""
     hub = standins.build_standins(standin_root, standins.DEFAULT_PAIR)
-    res, wall = run_seed_config("configs/default.yaml", hub, tmp_path, ["extract.batch_size=8"])
-    _check_finished(res, tmp_path, "default")
-    print(f"configs/default.yaml on stand-ins: {wall:.1f} s")
+    # GPT-2-medium's forward (24 blocks, 50257-way unembedding) is ~3x GPT-2's: fewer transfer/LM-eval tokens
+    res, wall = run_seed_config("configs/default.yaml", hub, tmp_path, [
+        "extract.batch_size=8", "transfer.n_passages=2", "transfer.passage_chars=100", "sae.lm_eval_passages=2"])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    check_finished_run(tmp_path / "default", standins.DEFAULT_PAIR, [(5, 5), (6, 6), (7, 7)])
+    check_tl_bos_and_pairing(tmp_path / "default", 0.85)
+    print(f"configs/default.yaml on stand-ins: {wall:.1f} s; stages {stage_seconds(tmp_path / 'default')}")

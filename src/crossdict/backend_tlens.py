@@ -34,6 +34,32 @@ def _cached_file(repo_id: str, filename: str) -> str | None:
     return path if isinstance(path, str) else None
 
 
+def _cache_gaps(repo_id: str) -> str:
+    """' (the local cache's snapshot <dir> lacks config.json, ...)' when `repo_id` is cached but incomplete, else ''.
+
+    huggingface_hub's offline error says only "couldn't find them in the cached files"; a cache
+    that holds the repository but misses a file (an interrupted copy, a hand-built stand-in) should
+    name that file.
+    """
+    from pathlib import Path
+
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    ref = repo / "refs" / "main"
+    snaps = [repo / "snapshots" / ref.read_text().strip()] if ref.is_file() else sorted((repo / "snapshots").glob("*"))
+    snaps = [s for s in snaps if s.is_dir()]
+    if not snaps:
+        return ""
+    snap = snaps[0]
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    missing = [f for f in ("config.json",) if not (snap / f).is_file()]
+    if not any((snap / w).is_file() for w in weights):
+        missing.append("model.safetensors")
+    return f"; the local cache's snapshot {snap} lacks {', '.join(missing)}" if missing else ""
+
+
 class TLensBackend:
     """Backend over a TransformerLens model (see `backend.Backend`)."""
 
@@ -71,7 +97,8 @@ class TLensBackend:
                 hf_config = AutoConfig.from_pretrained(name)
             except OSError as e:
                 raise RuntimeError(
-                    f"could not load {name!r} from the model hub ({str(e).splitlines()[0]}); without a hub use a "
+                    f"could not load {name!r} from the model hub ({str(e).splitlines()[0]}{_cache_gaps(name)}); "
+                    "without a hub use a "
                     "packaged model (smollm2-135m, gemma3-270m), a local directory or a .gguf file"
                 ) from None
             except (AttributeError, KeyError) as e:  # TransformerLens reads fields such as n_ctx unguarded
