@@ -69,12 +69,15 @@ def test_rerun_skips_everything_without_loading_a_model(finished_run, capsys):
 
 
 def _rewrite_timings(manifest_path):
+    """What a re-extraction writes: the same data, other timings (through crossdict's writer, so its digest is new)."""
+    from crossdict.cache import write_manifest
+
     m = json.loads(manifest_path.read_text())
     m["extract_seconds"] = m.get("extract_seconds", 0) + 123.0
     m["tokens_per_second"] = 1.0
     for model in m["models"].values():
         model.get("source", {})["load_s"] = 99.0
-    manifest_path.write_text(json.dumps(m, indent=1))
+    write_manifest(manifest_path.parent, m)
 
 
 def test_rewritten_timing_fields_leave_every_stage_and_every_sae_up_to_date(finished_run, capsys):
