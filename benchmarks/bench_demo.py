@@ -30,7 +30,8 @@ def stage_seconds(run_dir: str | Path) -> dict[str, float | None]:
     if not stages.is_dir():
         raise SystemExit(f"{stages} does not exist: not a crossdict run directory (or no stage has finished)")
     out: dict[str, float | None] = {}
-    for path in sorted(stages.glob("*.json"), key=lambda p: (STAGE_ORDER.index(p.stem) if p.stem in STAGE_ORDER else 99, p.stem)):
+    records = [p for p in stages.glob("*.json") if p.name != "digests.json"]  # digests.json: the integrity table
+    for path in sorted(records, key=lambda p: (STAGE_ORDER.index(p.stem) if p.stem in STAGE_ORDER else 99, p.stem)):
         try:
             rec = json.loads(path.read_text())
         except json.JSONDecodeError as e:
