@@ -318,9 +318,12 @@ def test_transferred_sae_on_the_rotated_copy_recovers_the_loss_and_a_random_map_
     maps = {"procrustes": LinearMap("procrustes", Q.numpy(), np.zeros(d, np.float32))}
     rows = {(r["sae"], r["map"]): r for r in sae_transfer_rows(1, 1, twin, clean, 1, sae_a, sae_b, maps, y, None)}
     own, tr, floor = rows[("b_own", "none")], rows[("a_transferred", "procrustes")], rows[("a_random_map", "procrustes")]
-    # KL recovered is the well-conditioned one here: zero ablation barely moves a random tiny model's CE (gap ~0.05
-    # nats), so CE recovered carries float noise of ~1%; it must equal B's own SAE's, which it does to 1e-3
-    assert tr["kl_recovered"] >= 0.99 and tr["ce_recovered"] >= 0.98
+    # KL recovered is the well-conditioned one here. Zero ablation hardly moves a random tiny model's CE (the gap is
+    # ~0.02 nats and of either sign), so CE recovered is a ratio of float noise (0.979 to 0.983 across thread counts
+    # on the same weights): no absolute bound on it. CE itself must stay at the clean loss, and the ratio must equal
+    # B's own SAE's, which is what "the transferred SAE is B's own" means.
+    assert tr["kl_recovered"] >= 0.99
+    assert tr["ce_loss"] == pytest.approx(clean.nll, abs=2e-3)
     assert tr["ce_recovered"] == pytest.approx(own["ce_recovered"], abs=1e-3)
     assert tr["fvu"] == pytest.approx(own["fvu"], abs=1e-4)
     assert floor["fvu"] > 5 * tr["fvu"] and floor["kl"] > 5 * tr["kl"]
