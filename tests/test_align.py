@@ -347,6 +347,84 @@ def test_retrieval_null_from_one_similarity_matrix_equals_per_draw_products(rng)
     np.testing.assert_array_equal(fast[0]["ranks"], slow[0]["ranks"])
 
 
+def _argpartition_ranks(row: np.ndarray, partner: int, M: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """The previous sampler: M-1 distractors per draw as the smallest of n random keys, the partner's key
+    set to +inf so it is never drawn; rank = distractors scoring >= the partner."""
+    keys = rng.random((draws, len(row)))
+    keys[:, partner] = np.inf
+    distract = np.argpartition(keys, M - 2, axis=1)[:, : M - 1]
+    return (row[distract] >= row[partner]).sum(1)
+
+
+def test_retrieval_ranks_have_the_distribution_of_drawn_distractor_sets():
+    """`retrieval_ranks` draws the number of distractors at or above the partner directly
+    (hypergeometric) instead of drawing the distractor set: over many draws for one query it has
+    the exact law of M-1 of the n-1 non-partners drawn without replacement, like the old sampler.
+    A sampler that counted the partner, drew with replacement or could draw the partner fails."""
+    from scipy import stats
+
+    from crossdict.align import retrieval_ranks
+
+    n, M, partner, draws = 60, 25, 7, 40_000
+    row = np.linspace(0.0, 1.0, n)[::-1].copy()  # 13 rows score above the partner ...
+    row[partner] = row[13]  # ... and row 13 ties with it (ties count against the partner): 13 at or above
+    above = int((np.delete(row, partner) >= row[partner]).sum())
+    assert above == 13
+    new = retrieval_ranks(None, None, np.full(draws, partner), M, np.random.default_rng(1),
+                          sims=lambda q: np.broadcast_to(row, (len(q), n)), n=n)
+    old = _argpartition_ranks(row, partner, M, draws, np.random.default_rng(2))
+    law = stats.hypergeom(n - 1, above, M - 1)
+    support = np.arange(M)
+    expected = law.pmf(support) * draws
+    keep = expected >= 5  # chi-square bins; the rest pooled
+    for ranks in (new, old):
+        counts = np.bincount(ranks, minlength=M)[:M]
+        obs = np.append(counts[keep], counts[~keep].sum())
+        exp = np.append(expected[keep], expected[~keep].sum())
+        assert stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+    assert abs(new.mean() - law.mean()) < 4 * law.std() / np.sqrt(draws)
+    assert abs(new.var() - law.var()) < 0.05 * law.var()  # with replacement (binomial) the variance is 1.6x
+    wrong = stats.hypergeom(n - 1, above + 1, M - 1)  # the partner counted as one of the distractors
+    assert abs(new.mean() - wrong.mean()) > 10 * law.std() / np.sqrt(draws)
+    assert new.max() <= above and (new >= 0).all()
+
+
+def test_retrieval_is_at_chance_on_unrelated_data(rng):
+    """Unrelated queries and targets: top-1 at 1/M and top-10 at 10/M within sampling error, in the
+    estimate and in the null path that reads one similarity matrix."""
+    from crossdict.align import retrieval_with_ci
+
+    n, M, trials = 3000, 50, 4
+    hits1 = hits10 = queries = 0
+    for t in range(trials):
+        Y, Y_hat = rng.standard_normal((n, 8)), rng.standard_normal((n, 8))
+        ret = retrieval_accuracy(Y_hat, Y, n_candidates=M, rng=np.random.default_rng(t), max_queries=n)
+        hits1, hits10, queries = hits1 + ret["top1"] * n, hits10 + ret["top10"] * n, queries + n
+    for hits, p in ((hits1, 1 / M), (hits10, 10 / M)):
+        assert abs(hits / queries - p) < 4 * np.sqrt(p * (1 - p) / queries), (hits / queries, p)
+    pid = np.repeat(np.arange(60), 50)
+    _, res = retrieval_with_ci(Y_hat, Y, pid, M, 500, 0, 40, np.random.default_rng(9), null_queries=1000)
+    assert abs(res.null_mean - 1 / M) < 4 * np.sqrt((1 / M) * (1 - 1 / M) / 40_000)
+
+
+def test_null_counts_from_the_similarity_matrix_equal_gathered_counts(rng):
+    """`_null_above` (whole rows of Q̂Yᵀ less the rows a pairing leaves out) counts exactly what
+    gathering the pairing's columns counts, ties included."""
+    from crossdict.align import _null_above
+    from crossdict.stats import passage_index, shuffled_pairing
+
+    pid = np.repeat(np.arange(40), rng.integers(5, 30, 40))
+    n = len(pid)
+    G = np.round(rng.standard_normal((n, n)), 1).astype(np.float32)  # coarse values: many ties
+    idx = passage_index(pid)
+    for _ in range(5):
+        ra, rb = shuffled_pairing(idx, rng)
+        q = np.sort(rng.choice(len(ra), 200, replace=False))
+        gathered = G[ra[q]][:, rb]
+        ref = (gathered >= gathered[np.arange(len(q)), q][:, None]).sum(1) - 1
+        np.testing.assert_array_equal(_null_above(G, ra, rb, q, block=64), ref)
+
+
 def test_sae_block_reuses_codes_of_a_exactly(rng):
     """Passing A's codes from an earlier call (floors, ceilings) gives the same numbers as encoding again."""
     from align_fixtures import random_sae

@@ -213,29 +213,59 @@ SIM_MATRIX_MAX = 100_000_000
 """Largest n² (float32 entries, 400 MB) for which the retrieval null precomputes all similarities."""
 
 
+def draw_ranks(above: np.ndarray, n: int, M: int, rng: np.random.Generator) -> np.ndarray:
+    """Per query, how many of M-1 random distractors score >= its true partner `[q]`.
+
+    above `[q]`: how many of the n-1 other candidates score >= the partner. The distractors are
+    M-1 of those n-1 drawn uniformly without replacement (never the partner), so the count among
+    them is hypergeometric(above, n-1-above, M-1): drawn directly, that is the same distribution
+    as drawing the index set, with one random number per query instead of n keys and a partition
+    (`test_retrieval_ranks_have_the_distribution_of_drawn_distractor_sets`)."""
+    above = np.maximum(np.asarray(above, np.int64), 0)  # a NaN partner score counts nothing, as before
+    if M <= 1:
+        return np.zeros(len(above), np.int64)
+    return rng.hypergeometric(above, n - 1 - above, M - 1).astype(np.int64)
+
+
 def retrieval_ranks(Qh: np.ndarray | None, Yn: np.ndarray | None, queries: np.ndarray, M: int, rng: np.random.Generator,
                     block: int = 512, sims: Callable[[np.ndarray], np.ndarray] | None = None,
                     n: int | None = None) -> np.ndarray:  # fmt: skip
-    """Per query, how many of M-1 random distractors score >= its true partner `[len(queries)]`.
+    """Per query, how many of M-1 random distractors score >= its true partner `[len(queries)]` (`draw_ranks`).
 
     Qh `[n, d]`, Yn `[n, d]` unit rows; row i of Qh belongs with row i of Yn. `sims(q) -> [len(q), n]`
     (with `n`) replaces `Qh[q] @ Yn.T`, e.g. rows of a similarity matrix computed once."""
     n = Yn.shape[0] if n is None else n
-    ranks = []
+    ranks = np.zeros(len(queries), np.int64)
     for s in range(0, len(queries), block):
         q = queries[s : s + block]
         sims_q = Qh[q] @ Yn.T if sims is None else sims(q)  # [b, n]
-        keys = rng.random((len(q), n))
-        keys[np.arange(len(q)), q] = np.inf  # never draw the true partner as a distractor
-        distract = np.argpartition(keys, M - 2, axis=1)[:, : M - 1] if M > 1 else np.zeros((len(q), 0), int)
         true = sims_q[np.arange(len(q)), q]
-        ranks.append((np.take_along_axis(sims_q, distract, 1) >= true[:, None]).sum(1))
-    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+        above = np.count_nonzero(sims_q >= true[:, None], axis=1) - 1  # the partner itself counts once
+        ranks[s : s + len(q)] = draw_ranks(above, n, M, rng)
+    return ranks
+
+
+def _null_above(G: np.ndarray, ra: np.ndarray, rb: np.ndarray, q: np.ndarray, block: int = 512) -> np.ndarray:
+    """`above` counts `[len(q)]` of a shuffled pairing from the similarity matrix G `[n, n]` (Q̂Yᵀ):
+    query i is A's row ra[i], its partner B's row rb[i], the candidates B's rows rb (all distinct).
+
+    Counting over the whole row of G and subtracting B's rows that are not candidates reads each row
+    once in order instead of gathering `[len(q), len(rb)]` columns (same counts)."""
+    out = np.setdiff1d(np.arange(G.shape[1]), rb, assume_unique=True)  # B rows the pairing left out
+    above = np.empty(len(q), np.int64)
+    for s in range(0, len(q), block):
+        qq = q[s : s + block]
+        rows = G[ra[qq]]  # [b, n]
+        true = rows[np.arange(len(qq)), rb[qq]][:, None]
+        above[s : s + len(qq)] = (np.count_nonzero(rows >= true, axis=1) - np.count_nonzero(rows[:, out] >= true, axis=1)
+                                  - 1)  # fmt: skip
+    return above
 
 
 def retrieval_accuracy(
     Y_hat: np.ndarray, Y: np.ndarray, n_candidates: int = 1000, rng: np.random.Generator | None = None,
     max_queries: int = 5000, block: int = 512, return_ranks: bool = False,
+    sims: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Top-1/top-10 retrieval of the paired B token among M candidates by cosine.
 
@@ -243,6 +273,7 @@ def retrieval_accuracy(
     tokens drawn without replacement; a hit at k means fewer than k distractors score >= the
     true partner (ties count against us). Chance is 1/M and min(10, M)/M. `return_ranks` adds
     `queries` and `ranks` (per-query distractors at or above the partner) for resampling.
+    `sims(q) -> [len(q), n]`: cosine rows of the queries from a matrix computed once (`retrieval_ranks`).
     """
     rng = np.random.default_rng(0) if rng is None else rng
     n = Y.shape[0]
@@ -250,7 +281,10 @@ def retrieval_accuracy(
     if M < 2:
         raise ValueError(f"retrieval needs at least 2 held-out anchors, got {n}")
     queries = np.sort(rng.choice(n, min(n, max_queries), replace=False))
-    ranks = retrieval_ranks(_unit(Y_hat), _unit(Y), queries, M, rng, block)
+    if sims is None:
+        ranks = retrieval_ranks(_unit(Y_hat), _unit(Y), queries, M, rng, block)
+    else:
+        ranks = retrieval_ranks(None, None, queries, M, rng, block, sims, n)
     k10 = min(10, M)
     out: dict[str, Any] = {
         "top1": float(np.mean(ranks < 1)),
@@ -275,11 +309,14 @@ def retrieval_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray,
     the distractor draws held fixed. Null: the shuffled pairing of `stats.shuffled_pairing` (A's
     passage meets another passage of B, rank-matched), top-1 recomputed on up to `null_queries`
     queries per draw (a full retrieval per draw would cost as much as the estimate n_null times).
-    The null draws read their similarities from one `[n, n]` matrix Q̂Yᵀ computed once when n² ≤
-    `max_sim_entries` (a draw only re-pairs rows; ~3x less matmul than a product per draw, same
-    draws, same numbers up to float32 rounding of the products).
+    The estimate and the null draws read their similarities from one `[n, n]` matrix Q̂Yᵀ computed
+    once when n² ≤ `max_sim_entries` and there is a null (a draw only re-pairs rows; ~3x less
+    matmul than a product per draw, same draws, same numbers up to float32 rounding of the products).
     """
-    ret = retrieval_accuracy(Y_hat, Y, n_candidates, rng, max_queries, return_ranks=True)
+    Qh, Yn = _unit(Y_hat), _unit(Y)
+    G = Qh @ Yn.T if n_null and len(Y) ** 2 <= max_sim_entries else None  # [n, n] float32
+    ret = retrieval_accuracy(Y_hat, Y, n_candidates, rng, max_queries, return_ranks=True,
+                             sims=None if G is None else G.__getitem__)
     idx = passage_index(passage_ids)
     hit = (ret["ranks"] < 1).astype(np.float64)
     qidx = passage_index(np.asarray(passage_ids)[ret["queries"]])
@@ -287,8 +324,6 @@ def retrieval_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray,
     for _ in range(n_boot):
         w = resample_weights(qidx, rng, ci)
         boots.append(float(w @ hit / w.sum()) if w.sum() > 0 else np.nan)
-    Qh, Yn = _unit(Y_hat), _unit(Y)
-    G = Qh @ Yn.T if n_null and len(Y) ** 2 <= max_sim_entries else None  # [n, n] float32
     nulls = []
     for _ in range(n_null):
         ra, rb = shuffled_pairing(idx, rng)
@@ -300,7 +335,7 @@ def retrieval_with_ci(Y_hat: np.ndarray, Y: np.ndarray, passage_ids: np.ndarray,
         if G is None:
             ranks = retrieval_ranks(Qh[ra], Yn[rb], q, M, rng)
         else:
-            ranks = retrieval_ranks(None, None, q, M, rng, sims=lambda qq, ra=ra, rb=rb: np.take(G[ra[qq]], rb, axis=1), n=len(rb))
+            ranks = draw_ranks(_null_above(G, ra, rb, q), len(rb), M, rng)
         nulls.append(float(np.mean(ranks < 1)))
     res = summarise(ret["top1"], boots, nulls, alpha, len(Y), qidx.n_passages, ci)
     return ret, res

@@ -36,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 from scipy import sparse
 
+from .align import retrieval_accuracy
 from .matching import Matches, code_correlation, pair_correlation, support_counts
 from .metrics import HeldoutCCA, cross_moments, jaccard_sets, linear_cka_from_moments, topk_sets
 from .stats import bh_qvalues, half_sample_ci, passage_index, passage_subsample, resample_rows
@@ -232,23 +233,10 @@ def fill_baseline_columns(row: dict) -> dict:
 
 def retrieval_hits(Y_hat: np.ndarray, Y: np.ndarray, n_candidates: int, rng: np.random.Generator,
                    max_queries: int, block: int = 512) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Per-query top-1 hit `[q]` bool and the query rows `[q]`, by the rule of
-    `align.retrieval_accuracy` (the true partner among M candidates by cosine; ties count against)."""
-    n = Y.shape[0]
-    M = int(min(n_candidates, n))
-    norm = lambda Z: np.asarray(Z, np.float32) / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    Qh, Yn = norm(Y_hat), norm(Y)
-    queries = np.sort(rng.choice(n, min(n, max_queries), replace=False))
-    hits = []
-    for s in range(0, len(queries), block):
-        q = queries[s : s + block]
-        sims = Qh[q] @ Yn.T
-        keys = rng.random((len(q), n))
-        keys[np.arange(len(q)), q] = np.inf
-        distract = np.argpartition(keys, M - 2, axis=1)[:, : M - 1]
-        true = sims[np.arange(len(q)), q]
-        hits.append((np.take_along_axis(sims, distract, 1) >= true[:, None]).sum(1) < 1)
-    return np.concatenate(hits) if hits else np.zeros(0, bool), queries
+    """Per-query top-1 hit `[q]` bool and the query rows `[q]` of `align.retrieval_accuracy` (the
+    true partner among M candidates by cosine; ties count against)."""
+    ret = retrieval_accuracy(Y_hat, Y, n_candidates, rng, max_queries, block, return_ranks=True)
+    return ret["ranks"] < 1, ret["queries"]
 
 
 def resid_views(
