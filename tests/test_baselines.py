@@ -163,3 +163,25 @@ def test_report_section_shows_floor_value_ceiling_and_universality_first(tmp_pat
     assert ("<td>top-k overlap (SAE)</td><td><b>0.300</b></td><td>0.100</td><td>0.050</td><td>–</td><td>0.500 (seed)</td>"
             "<td>0.50 [0.40, 0.60]</td>") in html
     assert "0.100 (token)</span> ▸ <b>0.300</b> ▸ <span class=null>0.500 (seed)" in floor_value_ceiling(row)
+
+
+def test_best_token_corr_over_present_tokens_equals_the_whole_vocabulary():
+    """Correlating A's codes only with the token codes that fire on the rows gives the max over the
+    whole vocabulary bit for bit: absent tokens correlate exactly 0, so they matter only when every
+    present token correlates negatively (then the best is 0)."""
+    from crossdict.baselines import best_token_corr
+    from crossdict.matching import code_correlation
+
+    rng = np.random.default_rng(3)
+    A, tok, _ = _token_world(rng, n_passages=40, vocab=30, m_a=12)
+    codes = TokenCodes(np.arange(60), 8)  # 60-token vocabulary, tokens 30..59 never occur
+    for rows in (np.arange(A.shape[0]), np.sort(rng.choice(A.shape[0], 300, replace=False))):
+        T = codes.encode_csr(tok[rows, None])
+        full = code_correlation(A[rows], T).max(1)
+        np.testing.assert_array_equal(best_token_corr(A[rows], T), full)
+    # a feature firing only on rows without a token code correlates negatively with every present token
+    ids = np.where(np.arange(A.shape[0]) % 3 == 0, 99, tok)  # id 99 is not in the vocabulary: no code
+    T = codes.encode_csr(ids[:, None])
+    x = sparse.csr_matrix((ids == 99).astype(np.float32)[:, None])
+    assert code_correlation(x, T[:, np.unique(T.indices)]).max() < 0
+    np.testing.assert_array_equal(best_token_corr(x, T), code_correlation(x, T).max(1))  # 0, from absent tokens

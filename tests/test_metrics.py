@@ -340,3 +340,77 @@ def test_pairwise_kernels_equal_the_direct_formulas(rng):
                 assert M.debiased_cka_pairwise(P, Q) == pytest.approx(dcka_direct(P.M, Q.M), rel=1e-9, abs=1e-12)
     const = M.Pairwise(np.full((50, 50), 3.0))
     assert np.isnan(M.cka_pairwise(const, M.linear_gram(X[:50]))) and np.isnan(cka_direct(const.M, M.linear_gram(X[:50]).M))
+
+
+def _old_mean_sd(C: sparse.csr_matrix, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The previous `matching._mean_sd`: transposed sparse products."""
+    nw = w.sum()
+    mean = np.asarray(C.T @ w).ravel() / nw
+    sq = np.asarray(C.multiply(C).T @ w).ravel() / nw
+    return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
+
+
+def _sparse_codes(rng: np.random.Generator, n: int, m: int, per_row: int) -> sparse.csr_matrix:
+    C = sparse.csr_matrix((rng.exponential(1, n * per_row).astype(np.float32), rng.integers(0, m, n * per_row),
+                           np.arange(0, n * per_row + 1, per_row)), shape=(n, m))  # fmt: skip
+    C.sum_duplicates()
+    return C
+
+
+def test_column_moments_equal_the_sparse_products_exactly(rng):
+    """`_mean_sd` by bincount over stored entries gives the numbers of C.T @ w bit for bit
+    (weighted and unweighted), so match correlations and their ties are unchanged."""
+    from crossdict.matching import _mean_sd
+
+    C = _sparse_codes(rng, 700, 90, 6)
+    w = bootstrap_weights(passage_index(np.repeat(np.arange(70), 10)), rng)
+    for got, ref in ((_mean_sd(C), _old_mean_sd(C, np.ones(700))), (_mean_sd(C, w), _old_mean_sd(C, w))):
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_code_correlation_paths_agree(rng):
+    """The dense-A path (B's nonzeros walked against a dense block of A) and the sparse path give the
+    float64 correlations within float32 rounding, with a one-hot B over a wide vocabulary (the
+    token floor), bootstrap weights and several row blocks."""
+    n = 900
+    A = _sparse_codes(rng, n, 40, 8)  # ~18% nonzero: the dense-A path
+    tok = rng.integers(0, 300, n)
+    B = sparse.csr_matrix((np.ones(n, np.float32), (np.arange(n), tok)), shape=(n, 300))
+    w = bootstrap_weights(passage_index(np.repeat(np.arange(90), 10)), rng)
+    rows = np.repeat(np.arange(n), w.astype(int))
+    Ad, Bd = A.toarray().astype(np.float64)[rows], B.toarray().astype(np.float64)[rows]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.nan_to_num(np.corrcoef(Ad.T, Bd.T)[:40, 40:])
+    assert A.nnz / (n * 40) > 0.05
+    np.testing.assert_allclose(code_correlation(A, B, w, block_rows=128), ref, atol=1e-6)
+    A_sparse = _sparse_codes(rng, n, 400, 4)  # 1% nonzero: the sparse × sparse path
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.nan_to_num(np.corrcoef(A_sparse.toarray().T.astype(np.float64), B.toarray().T)[:400, 400:])
+    np.testing.assert_allclose(code_correlation(A_sparse, B, block_rows=128), ref, atol=1e-6)
+
+
+def test_pair_null_equals_correlations_of_re_paired_rows(rng):
+    """`pair_null`'s draws (moments as totals less the rows a pairing leaves out; B moved to A's rows)
+    count what correlating the re-paired rows directly counts, for the shuffled and the
+    token-stratified null, including exact ties (a B that is a function of the token)."""
+    from crossdict.matching import pair_null, token_stratified_pairing
+
+    pid = np.repeat(np.arange(30), rng.integers(10, 40, 30))
+    n, K = len(pid), 60
+    A = _sparse_codes(rng, n, K, 5)
+    strata = rng.integers(0, 25, n)
+    B_tok = sparse.csr_matrix((np.ones(n, np.float32), (np.arange(n), strata % K)), shape=(n, K))  # B = token
+    for B in (_sparse_codes(rng, n, K, 3) + A.multiply(0.5), B_tok):
+        ia, ib = np.arange(K), rng.permutation(K)
+        obs, n_ge, null, n_tok = pair_null(A, B, ia, ib, pid, 60, np.random.default_rng(4), keep_null=True, strata=strata)
+        r = np.random.default_rng(4)
+        xa, xb = A[:, ia].tocsr(), B[:, ib].tocsr()
+        idx = passage_index(pid)
+        ref = np.array([pair_correlation(xa[ra], xb[rb]) for ra, rb in (shuffled_pairing(idx, r) for _ in range(60))])
+        np.testing.assert_allclose(null, ref, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(n_ge, (ref >= obs).sum(0))
+        ref_tok = sum(pair_correlation(xa, xb[token_stratified_pairing(strata, r)]) >= obs - 1e-12 for _ in range(60))
+        np.testing.assert_array_equal(n_tok, ref_tok)
+    assert (n_tok == 60).all()  # B = token: every within-token draw ties the observed correlation
+

@@ -301,9 +301,18 @@ def resid_rows(
 
 
 def best_token_corr(codes_a: sparse.csr_matrix, token_codes: sparse.csr_matrix) -> np.ndarray:
-    """Per A feature `[m_a]`: the largest correlation it reaches with any token-floor code."""
-    S = code_correlation(codes_a, token_codes)
-    return S.max(1) if S.shape[1] else np.zeros(S.shape[0], np.float32)
+    """Per A feature `[m_a]`: the largest correlation it reaches with any token-floor code.
+
+    Only codes that fire on these rows are correlated: one that never fires has sd 0, so its
+    correlation is exactly 0 (`code_correlation`) and adds only 0 to the max. On a resample most
+    of the vocabulary is absent; correlating the rest gives every entry the same value (each is
+    computed from its own column), at a fraction of the cost."""
+    token_codes = token_codes.tocsr()
+    live = np.unique(token_codes.indices)
+    if not len(live):
+        return np.zeros(codes_a.shape[1], np.float32)
+    best = code_correlation(codes_a, token_codes[:, live]).max(1)
+    return np.maximum(best, np.float32(0.0)) if len(live) < token_codes.shape[1] else best
 
 
 @dataclass
@@ -325,13 +334,13 @@ def code_views(pair: CodePair, token_codes: sparse.csr_matrix, acfg: Any) -> dic
     sig = m.significant(acfg.q_threshold)
     n_tested = max(int(m.tested.sum()), 1)
     xa, xb = pair.ca[:, m.feat_a[sig]].tocsr(), pair.cb[:, m.feat_b[sig]].tocsr()
-    fa = m.feat_a[sig]
 
     def share(r: np.ndarray) -> float:
         if not sig.any():
             return 0.0
-        corr = pair_correlation(xa[r], xb[r])
-        best = best_token_corr(pair.ca[r][:, fa], token_codes[r])
+        xa_r = xa[r]
+        corr = pair_correlation(xa_r, xb[r])
+        best = best_token_corr(xa_r, token_codes[r])  # xa_r: A's codes of the significant features
         return float(np.sum(corr > best) / n_tested)
 
     return {"topk_overlap": lambda r: jaccard_sets(ta[r], tb[r]), "significant_share": share}

@@ -82,11 +82,29 @@ def encode_sparse(sae: Any, X: np.ndarray, block_rows: int = 4096) -> sparse.csr
 # correlation
 
 
-def _mean_sd(C: sparse.csr_matrix, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    nw = w.sum()
-    mean = np.asarray(C.T @ w).ravel() / nw
-    sq = np.asarray(C.multiply(C).T @ w).ravel() / nw
-    return mean, np.sqrt(np.maximum(sq - mean**2, 0.0))
+def _column_sums(C: sparse.csr_matrix, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Σ w·x and Σ w·x² per column `[m]` (float64) of C `[n, m]`, row weights w `[n]` (None: all 1).
+
+    `bincount` over the stored entries adds them in the order `C.T @ w` does (row by row, in
+    float64), with squares in C's precision as `C.multiply(C)`: the same numbers without a
+    transposed copy and a sparse elementwise product per call."""
+    C = C if C.format == "csr" else C.tocsr()
+    x, x2 = C.data.astype(np.float64), (C.data * C.data).astype(np.float64)
+    if w is not None:
+        wr = np.repeat(np.asarray(w, np.float64), np.diff(C.indptr))
+        x, x2 = x * wr, x2 * wr
+    return np.bincount(C.indices, x, minlength=C.shape[1]), np.bincount(C.indices, x2, minlength=C.shape[1])
+
+
+def _moments(s: np.ndarray, s2: np.ndarray, nw: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, sd) `[m]` from column sums Σx, Σx² over nw rows."""
+    mean = s / nw
+    return mean, np.sqrt(np.maximum(s2 / nw - mean**2, 0.0))
+
+
+def _mean_sd(C: sparse.csr_matrix, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and sd `[m]` (float64) of C `[n, m]` under row weights w `[n]` (None: all 1)."""
+    return _moments(*_column_sums(C, w), float(C.shape[0]) if w is None else w.sum())
 
 
 def code_correlation(
@@ -98,10 +116,13 @@ def code_correlation(
 ) -> np.ndarray:
     """Pearson correlation `[m_a, m_b]` float32 between columns of ca `[n, m_a]` and cb `[n, m_b]`.
 
-    Cross-products are accumulated over row blocks (sparse × sparse when codes are sparse), then
-    turned into correlations in place, row block by row block, so peak memory is the output plus
-    one block. Dead features (sd 0) get correlation 0. `weights [n]` are row multiplicities
-    (cluster bootstrap); `out` lets repeated calls reuse one buffer.
+    Cross-products are accumulated over row blocks, then turned into correlations in place, row
+    block by row block, so peak memory is the output plus one block. Dead features (sd 0) get
+    correlation 0. `weights [n]` are row multiplicities (cluster bootstrap); `out` lets repeated
+    calls reuse one buffer. When ca is not very sparse (> 5% nonzero, e.g. L1 SAE codes) a block
+    of it is made dense and cb's nonzeros are walked (`cbᵀ·A`: nnz(cb)·m_a multiply-adds); a
+    dense × dense product cost n·m_a·m_b, 70x more for a token-floor cb (one nonzero per row over
+    a 4k-8k vocabulary). Same sums, in another float32 order (`test_code_correlation_paths_agree`).
     """
     n, m_a, m_b = ca.shape[0], ca.shape[1], cb.shape[1]
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
@@ -111,14 +132,14 @@ def code_correlation(
     for s in range(0, n, block_rows):
         wa = sparse.diags(w[s : s + block_rows].astype(np.float32)) @ ca[s : s + block_rows]
         if dense:
-            acc += wa.toarray().T @ cb[s : s + block_rows].toarray()
+            acc += (cb[s : s + block_rows].T @ wa.toarray()).T  # [m_b, m_a] from cb's nonzeros
         else:
             # a CSR product has no duplicate entries (csr_matmat uses a dense row accumulator),
             # so the fancy-index += below is safe without an expensive sum_duplicates sort
             prod = (wa.T.tocsr() @ cb[s : s + block_rows]).tocoo()
             acc[prod.row, prod.col] += prod.data
-    mean_a, sd_a = _mean_sd(ca, w)
-    mean_b, sd_b = _mean_sd(cb, w)
+    mean_a, sd_a = _mean_sd(ca, weights if weights is None else w)
+    mean_b, sd_b = _mean_sd(cb, weights if weights is None else w)
     inv_b = np.where(sd_b > 0, 1.0 / np.where(sd_b > 0, sd_b, 1.0), 0.0).astype(np.float32)
     nw = np.float32(w.sum())
     for r in range(0, m_a, 1024):
@@ -133,10 +154,14 @@ def code_correlation(
 
 def pair_correlation(xa: sparse.csr_matrix, xb: sparse.csr_matrix) -> np.ndarray:
     """Column-wise Pearson correlation `[K]` between xa `[n, K]` and xb `[n, K]` (pair i = column i)."""
-    w = np.ones(xa.shape[0])
-    ma, sa = _mean_sd(xa, w)
-    mb, sb = _mean_sd(xb, w)
-    cov = np.asarray(xa.multiply(xb).sum(0)).ravel() / xa.shape[0] - ma * mb
+    return _pair_corr(xa.shape[0], _mean_sd(xa), _mean_sd(xb), xa.multiply(xb))
+
+
+def _pair_corr(n: int, mom_a: tuple[np.ndarray, np.ndarray], mom_b: tuple[np.ndarray, np.ndarray],
+               prod: sparse.csr_matrix) -> np.ndarray:  # fmt: skip
+    """Correlations `[K]` from both sides' (mean, sd) over n paired rows and their elementwise product."""
+    (ma, sa), (mb, sb) = mom_a, mom_b
+    cov = np.asarray(prod.sum(0)).ravel() / n - ma * mb
     den = sa * sb
     return np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
 
@@ -241,19 +266,47 @@ def pair_null(
     idx = passage_index(passage_ids)
     n_ge = np.zeros(len(ia), np.int64)
     null = np.empty((n_null, len(ia))) if keep_null else None
+    sums_a, sums_b = _column_sums(xa), _column_sums(xb)
+    xb0 = sparse.vstack([xb, sparse.csr_matrix((1, xb.shape[1]), dtype=xb.dtype)], format="csr")  # + an empty row
     for t in range(n_null):
         ra, rb = shuffled_pairing(idx, rng)
-        draw = pair_correlation(xa[ra], xb[rb])
+        draw = _shuffled_corr(xa, xb0, sums_a, sums_b, ra, rb)
         n_ge += draw >= obs
         if keep_null:
             null[t] = draw
     if strata is None:
         return obs, n_ge, null
-    # ties count against us: a B that is a function of the token gives draw == obs exactly
+    # Within-stratum permutations of B's rows keep both sides' moments (same rows, same n), so only
+    # the cross products are recomputed. Ties count against us: a B that is a function of the
+    # token gives draw == obs exactly.
     n_ge_tok = np.zeros(len(ia), np.int64)
+    mom_a, mom_b = _mean_sd(xa), _mean_sd(xb)
     for _ in range(n_null):
-        n_ge_tok += pair_correlation(xa, xb[token_stratified_pairing(strata, rng)]) >= obs - 1e-12
+        draw = _pair_corr(xa.shape[0], mom_a, mom_b, xa.multiply(xb[token_stratified_pairing(strata, rng)]))
+        n_ge_tok += draw >= obs - 1e-12
     return obs, n_ge, null, n_ge_tok
+
+
+def _shuffled_corr(xa: sparse.csr_matrix, xb0: sparse.csr_matrix, sums_a: tuple, sums_b: tuple, ra: np.ndarray,
+                   rb: np.ndarray) -> np.ndarray:  # fmt: skip
+    """`pair_correlation(xa[ra], xb[rb])` `[K]` for a shuffled pairing that keeps rows ra of A (sorted)
+    and rows rb of B: each side's sums are its totals (`_column_sums`) less the few rows left out,
+    and B's rows are moved to their A partners' positions (xb0: xb plus an empty last row for A's
+    rows left out), so A's codes, the bulk of the nonzeros, are never copied. The products are the
+    same, summed in the same row order; the moments differ from a sum over the kept rows only by
+    rounding (1e-16)."""
+    n = xa.shape[0]
+    pos = np.full(n, xb0.shape[0] - 1)
+    pos[ra] = rb
+    mom = []
+    for C, (s, s2), kept in ((xa, sums_a, ra), (xb0[:-1], sums_b, rb)):
+        out = np.ones(C.shape[0], bool)
+        out[kept] = False
+        if out.any():
+            e, e2 = _column_sums(C[np.nonzero(out)[0]])
+            s, s2 = s - e, s2 - e2
+        mom.append(_moments(s, s2, float(len(ra))))
+    return _pair_corr(len(ra), mom[0], mom[1], xa.multiply(xb0[pos]))
 
 
 def _zscores(obs: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
