@@ -414,3 +414,19 @@ def test_pair_null_equals_correlations_of_re_paired_rows(rng):
         np.testing.assert_array_equal(n_tok, ref_tok)
     assert (n_tok == 60).all()  # B = token: every within-token draw ties the observed correlation
 
+
+def test_rsa_on_rank_rdms_equals_spearman_on_every_resample(rng):
+    """`rsa_pairwise` on `rdm_ranks` RDMs (ranking by counting) equals Spearman on the distances, bit
+    for bit, on half-samples, bootstrap rows (duplicated tokens) and shuffled pairings, with ties."""
+    X, Y = related(rng, n=120)
+    Da, Db = M.correlation_rdm(X), M.correlation_rdm(np.round(Y, 1))  # rounding: tied distances
+    Db.M = np.round(Db.M, 2)
+    Ra, Rb = M.rdm_ranks(Da), M.rdm_ranks(Db)
+    idx = passage_index(np.repeat(np.arange(12), 10))
+    from crossdict.stats import bootstrap_rows, half_sample_rows
+
+    for _ in range(5):
+        for ra, rb in ((r := half_sample_rows(idx, rng), r), (r := bootstrap_rows(idx, rng), r), shuffled_pairing(idx, rng)):
+            assert M.rsa_pairwise(Ra[ra], Rb[rb]) == M.rsa_pairwise(Da[ra], Db[rb])
+    const = M.Pairwise(np.ones((20, 20)))
+    assert np.isnan(M.rsa_pairwise(M.rdm_ranks(const), Rb[np.arange(20)]))

@@ -142,12 +142,14 @@ def fit_svcca_map(m: Moments, keep: float) -> LinearMap:
 
 
 def fit_maps(X_a: np.ndarray, X_b: np.ndarray, methods: list[str] | tuple[str, ...] = METHODS,
-             ridge_alpha: float = 1.0, svcca_variance: float = 0.99, scale: bool = True) -> dict[str, LinearMap]:  # fmt: skip
-    """Fit each requested map on train pairs X_a `[n, d_a]`, X_b `[n, d_b]` (one moments pass)."""
+             ridge_alpha: float = 1.0, svcca_variance: float = 0.99, scale: bool = True,
+             moments: Moments | None = None) -> dict[str, LinearMap]:  # fmt: skip
+    """Fit each requested map on train pairs X_a `[n, d_a]`, X_b `[n, d_b]` (one moments pass;
+    `moments`: that pass, `cross_moments(X_a, X_b)`, when the caller already made it)."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown alignment method(s) {sorted(unknown)}; choose from {list(METHODS)}")
-    m = cross_moments(X_a, X_b)
+    m = cross_moments(X_a, X_b) if moments is None else moments
     fitters = {
         "procrustes": lambda: fit_procrustes(m, scale),
         "svcca": lambda: fit_svcca_map(m, svcca_variance),

@@ -52,6 +52,7 @@ from .metrics import (
     match_invariance,
     mutual_knn_pairwise,
     rbf_gram,
+    rdm_ranks,
     rsa_pairwise,
     jaccard_sets,
     topk_sets,
@@ -292,23 +293,25 @@ def _pairwise_metrics(
     if rbf:
         out["rbf_cka"] = _ci(cka_pairwise, rbf_gram(A), rbf_gram(B), pid, acfg, rng, "rbf_cka")
     rsub = within_passage_subsample(pid, acfg.rsa_max_tokens, rng)  # Spearman ranks n²/2 distances per resample
-    out["rsa"] = _ci(rsa_pairwise, correlation_rdm(A[rsub]), correlation_rdm(B[rsub]), pid[rsub], acfg, rng, "rsa")
+    out["rsa"] = _ci(rsa_pairwise, rdm_ranks(correlation_rdm(A[rsub])), rdm_ranks(correlation_rdm(B[rsub])), pid[rsub],
+                     acfg, rng, "rsa")
     k = acfg.mknn_k
     out["mutual_knn"] = _ci(lambda P, Q: mutual_knn_pairwise(P, Q, k), cosine_sim(A), cosine_sim(B), pid, acfg, rng,
                             "mutual_knn")
     return out
 
 
-def resid_metrics(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Generator) -> dict[str, MetricResult]:
+def resid_metrics(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Generator,
+                  hcca: HeldoutCCA | None = None) -> dict[str, MetricResult]:  # fmt: skip
     """All similarity metrics on masked held-out anchors of the given space (raw in the headline).
 
     Streaming metrics (CKA, SVCCA/PWCCA) use every held-out passage, thinned to ≤ metric_max_tokens
     tokens *within* passages; SVCCA/PWCCA directions are fitted on the train anchors (see
-    `metrics.HeldoutCCA`).
+    `metrics.HeldoutCCA`; `hcca`: that fit, when the caller already made it).
     """
     q = ho.rows(within_passage_subsample(ho.pid, acfg.metric_max_tokens, rng))
     out = _ci(cka_family, q.xa, q.xb, q.pid, acfg, rng, "linear_cka / debiased_cka")
-    hcca = HeldoutCCA.fit(tr.xa, tr.xb, acfg.svcca_variance)
+    hcca = HeldoutCCA.fit(tr.xa, tr.xb, acfg.svcca_variance) if hcca is None else hcca
     U, V = hcca.variates(q.xa, q.xb)
     out.update(_ci(hcca.score, U, V, q.pid, acfg, rng, "svcca / pwcca"))
     out.update(_pairwise_metrics(q.xa, q.xb, q.pid, acfg, rng, rbf=True))
