@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
@@ -268,6 +269,52 @@ def test_run_align_end_to_end(toy_run, caplog, capsys):
     assert all(0.0 < v <= 1.0 for v in cka.values())
     assert all(0.0 < float(r["cka_z"]) <= 1.0 and r["source"] == "cached_layers" for r in rows)
     assert not list(rep.glob(".*.tmp"))
+
+
+def test_workers_do_not_change_the_report(tmp_path):
+    """align.workers = 2 (spawned processes, one task per layer-pair part) writes the same bytes as
+    workers = 1: every task draws from its own stream. Layer A1 sits in both pairs: its seed-ceiling
+    rows are written once, from the first pair."""
+    from crossdict.sae import SAE, SAESpec, save_sae
+
+    out = {}
+    for workers in (1, 2):
+        cfg = _config(tmp_path / f"w{workers}", workers=workers, n_bootstrap=8, n_null=8, n_match_null=30)
+        write_synthetic_cache(cfg.cache_dir)
+        write_synthetic_cache(cfg.run_dir / "cache_random", random_b=True, seed=7)
+        for key, layer, d in (("a", 1, 24), ("b", 2, 16), ("b", 4, 16)):
+            for seed in (0, 1):
+                torch.manual_seed(100 * layer + seed)
+                save_sae(SAE(SAESpec("topk", d, 48, k=6)), cfg.sae_dir(key, layer, seed))
+        run_align(cfg, layers_a=[1, 1], layers_b=[2, 4], progress=False)
+        out[workers] = {f: (cfg.report_dir / f).read_bytes() for f in
+                        ("metrics.csv", "alignment.csv", "feature_matches.csv", "feature_matches_seed.csv", "layer_cka.csv")}
+    for f in out[1]:
+        assert out[1][f] == out[2][f], f
+    _, rows = _read(tmp_path / "w2" / "toy" / "report" / "metrics.csv")
+    seed_a = [r for r in rows if r["space"] == "sae_seed_a" and r["metric"] == "linear_cka"]
+    assert [r["layer_a"] for r in seed_a] == ["1"]
+    assert {r["layer_a"] for r in rows if r["space"] == "sae_seed_b" and r["metric"] == "linear_cka"} == {"2", "4"}
+    assert {(r["layer_a"], r["layer_b"]) for r in rows if r["space"] == "universality" and r["metric"] == "topk_overlap"
+            and r["ceiling_kind"] == "seed"} == {("1", "2"), ("1", "4")}
+
+
+def test_layer_cka_in_parts_equals_the_whole_grid(tmp_path):
+    """With a random stream per cell, the grid computed A layer by A layer (one task each) gives the
+    rows of the whole grid, CIs and nulls included."""
+    from crossdict.cache import ActivationCache
+    from crossdict.evaluate import layer_cka
+
+    cfg = _config(tmp_path, n_bootstrap=10, n_null=10)
+    write_synthetic_cache(cfg.cache_dir)
+    cache = ActivationCache(cfg.cache_dir)
+    cell = lambda la, lb: np.random.default_rng([la, lb])  # noqa: E731
+    run = lambda layers: layer_cka(cache, 500, np.random.default_rng(5), cfg.align, None, [(1, 2), (3, 4)],  # noqa: E731
+                                   False, layers, cell)
+    whole = run(None)
+    parts = run([1]) + run([3])
+    assert len(whole) == 4 and parts == whole
+    assert sum(np.isfinite(r["p_value"]) for r in whole) >= 2
 
 
 def test_run_align_without_saes_or_random_cache(tmp_path, caplog):

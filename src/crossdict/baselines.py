@@ -240,15 +240,15 @@ def retrieval_hits(Y_hat: np.ndarray, Y: np.ndarray, n_candidates: int, rng: np.
 
 
 def resid_views(
-    xa_tr: np.ndarray, xb_tr: np.ndarray, xa_ho: np.ndarray, xb_ho: np.ndarray, procrustes: Any,
+    hcca: HeldoutCCA, xa_ho: np.ndarray, xb_ho: np.ndarray, procrustes: Any,
     acfg: Any, rng: np.random.Generator, sub: np.ndarray,
 ) -> dict[str, Callable[[np.ndarray], float]]:  # fmt: skip
     """Headline residual metrics of one (A, B-or-floor) pair as functions of held-out rows of `sub`.
 
-    procrustes: the fitted train map (`align.LinearMap`); SVCCA directions are fitted on train.
+    hcca: SVCCA/PWCCA directions fitted on train (`metrics.HeldoutCCA`, as for the pair's metrics);
+    procrustes: the fitted train map (`align.LinearMap`).
     """
     A, B = xa_ho[sub], xb_ho[sub]
-    hcca = HeldoutCCA.fit(xa_tr, xb_tr, acfg.svcca_variance)
     U, V = hcca.variates(A, B)
     Yh = procrustes.transform(A).astype(np.float64)
     Yc = B.astype(np.float64)
@@ -281,7 +281,7 @@ def resid_rows(
 ) -> list[dict]:  # fmt: skip
     """Universality rows for the residual headline metrics (ceiling: identity = 1).
 
-    real / floors[name]: (xa_tr, xb_tr, xa_ho, xb_ho, procrustes map); floors keyed token /
+    real / floors[name]: (held-out CCA, xa_ho, xb_ho, procrustes map); floors keyed token /
     context / random. All views use the same ≤ metric_max_tokens held-out rows (whole passages).
     """
     sub = passage_subsample(pid_ho, acfg.metric_max_tokens, rng)

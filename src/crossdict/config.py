@@ -163,6 +163,10 @@ class AlignConfig:
     """Fewest held-out passages accepted for passage-resampling CIs and shuffled-pairing nulls."""
     min_anchors: int = 32
     """Fewest train and held-out anchor pairs accepted for fitting and scoring a map."""
+    workers: int = 1
+    """Processes the align stage runs its tasks in (each layer pair's residual part and SAE part, the
+    layer-CKA sweep), each with cores // workers BLAS threads. Every task draws from its own random
+    stream, so the numbers do not depend on it (only the time does); 1 runs them in this process."""
 
 
 @dataclass
@@ -317,6 +321,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rsa_max_tokens": (lambda v: v >= 16, "an integer >= 16"),
     "min_passages": (lambda v: v >= 2, "an integer >= 2"),
     "min_anchors": (lambda v: v >= 4, "an integer >= 4"),
+    "workers": (lambda v: v >= 1, "an integer >= 1"),
     "min_feature_passages": (lambda v: v >= 1, "an integer >= 1"),
     "min_feature_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "match_min_corr": (lambda v: -1.0 <= v < 1.0, "a correlation in [-1, 1)"),

@@ -15,11 +15,16 @@ randomly initialised B: the floor of the raw and the z-scored numbers, from `run
 `sae_seed_b` (an SAE vs the same model's SAE trained with another seed: the ceiling).
 All metrics are computed on held-out anchors; maps and matches are chosen on train anchors.
 
-Cost on 2 CPU cores with the default config (200 resamples + 200 null draws per metric, 1000
-null draws per match): ~4 min per layer pair at 100k anchors, d ≈ 600, 4.6k/5.1k-feature SAEs
-(about half of it SAE matching and code metrics), plus the same again per seed-ceiling SAE pair;
-~1 min per pair without SAEs (SmolLM2-135M vs Gemma-3-270M, 27k anchors, 3 pairs: 198 s).
-`n_bootstrap`, `n_null`, `n_match_null` and `n_match_bootstrap` trade time for resolution.
+Work is split into tasks: per layer pair a residual part (maps, residual metrics, floors) and an
+SAE part (matches, code metrics, code floors, seed ceilings), plus the layer-CKA sweep in parts of
+LAYER_CKA_CHUNK A layers. Every task draws from its own random stream (`_stream`), so `align.workers`
+processes (`workers.run_tasks`) give the same CSVs as one.
+
+Cost (embedded demo config, SmolLM2-135M vs Gemma-3-270M, ~45k train / ~9k held-out anchors per
+pair, d ≈ 600, 1 x d L1 SAEs with two seeds, `standardized_space: false`; CPU seconds at 1 thread):
+~45 s residual part and ~50 s SAE part per layer pair, ~40 s for the 30 x 18 layer-CKA sweep;
+benchmarks/RESULTS.md has the measurements. `n_bootstrap`, `n_null`, `n_match_null` and
+`n_match_bootstrap` trade time for resolution.
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ import numpy as np
 
 from tqdm.auto import tqdm
 
-from . import baselines
+from . import baselines, workers
 from .align import fit_maps, map_dir, unstandardize, procrustes_rotation, r2_with_ci, retrieval_with_ci
 from .cache import ActivationCache
 from .config import AlignConfig, RunConfig
 from .matching import MATCH_COLUMNS, Matches, encode_sparse, match_features
 from .metrics import (
     correlation_rdm,
+    cross_moments,
     cosine_sim,
     cka_pairwise,
     HeldoutCCA,
@@ -199,12 +205,19 @@ def _find_sae(cfg: RunConfig, key: str, layer: int, d_model: int, seed: int | No
     return sae
 
 
-def _random_cache(cfg: RunConfig, cache: ActivationCache) -> ActivationCache | None:
+def _open_random(cfg: RunConfig) -> ActivationCache | None:
+    """The random-init cache (`runs/<name>/cache_random`) when extraction wrote one (checked by `_random_cache`)."""
     path = cfg.run_dir / "cache_random"
-    if not (path / "manifest.json").is_file():
-        log.info("no random-init cache at %s; skipping the random-model floor", path)
+    return ActivationCache(path) if (path / "manifest.json").is_file() else None
+
+
+def _random_cache(cfg: RunConfig, cache: ActivationCache) -> ActivationCache | None:
+    """`_open_random`, checked against the main cache: same anchors, same tokens."""
+    rc = _open_random(cfg)
+    if rc is None:
+        log.info("no random-init cache at %s; skipping the random-model floor", cfg.run_dir / "cache_random")
         return None
-    rc = ActivationCache(path)
+    path = rc.dir
     for split in ("train", "heldout"):
         main, rand = cache.anchor_pairs(split), rc.anchor_pairs(split)
         if len(main) != len(rand):
@@ -232,7 +245,7 @@ def zscore(tr: Paired, ho: Paired) -> tuple[Paired, Paired]:
     """
 
     (ma, sa), (mb, sb) = zscore_stats(tr.xa), zscore_stats(tr.xb)
-    z = lambda p: Paired((p.xa - ma) / sa, (p.xb - mb) / sb, p.pid)  # noqa: E731
+    z = lambda p: Paired((p.xa - ma) / sa, (p.xb - mb) / sb, p.pid, p.masked, p.dropped)  # noqa: E731
     return z(tr), z(ho)
 
 
@@ -268,8 +281,8 @@ def _plain(value: float) -> MetricResult:
 
 
 _status: Callable[[str], None] = lambda what: None
-"""Progress hook: `_align_pair` points it at its bar, so every resampling loop (each metric's CI and
-null, each map's R²/retrieval, matching nulls, code metrics) shows its name while it runs."""
+"""Progress hook: `_run_task` points it at its task's bar, so every resampling loop (each metric's CI
+and null, each map's R²/retrieval, matching nulls, code metrics) shows its name while it runs."""
 
 
 def _ci(fn: Callable, A: Any, B: Any, pid: np.ndarray, acfg: AlignConfig, rng: np.random.Generator,
@@ -425,153 +438,261 @@ def _score_maps(
 # stage
 
 
+LAYER_CKA_CHUNK = 10
+"""A layers per layer-CKA task: the sweep (30 x 18 cells for the demo) is split so it balances the pool."""
+PARTS = ("resid", "sae")
+"""The two tasks of a layer pair: residual maps, metrics and floors; SAE codes, matches, code floors and
+seed ceilings. Each has its own RNG stream (`_stream`), so what it draws does not depend on which
+process runs it or on what ran before: `align.workers` changes the schedule, not the numbers."""
+
+
+def _stream(seed: int, *key: int) -> np.random.Generator:
+    """A random stream of its own: child `key` of `SeedSequence(seed)`. Pair parts: (0, la, lb,
+    PARTS index); layer-CKA sweep: (1,) for its token subsample, (1, la, lb) for each cell's CI."""
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
+
+
+@dataclass
+class PartRows:
+    """What one task (a part of a layer pair) adds to the report CSVs."""
+
+    metrics: list[dict] = field(default_factory=list)
+    alignment: list[dict] = field(default_factory=list)
+    matches: list[dict] = field(default_factory=list)
+    seed: dict[tuple[str, int], tuple[list[dict], list[dict]]] = field(default_factory=dict)
+    """Seed-ceiling (metrics rows, feature_matches_seed rows) per (model key, layer)."""
+
+
 @dataclass
 class Report:
-    metrics: list[dict]
-    alignment: list[dict]
-    matches: list[dict]
-    seed_matches: list[dict]
+    """The report CSVs' rows, layer pair by layer pair."""
+
+    metrics: list[dict] = field(default_factory=list)
+    alignment: list[dict] = field(default_factory=list)
+    matches: list[dict] = field(default_factory=list)
+    seed_matches: list[dict] = field(default_factory=list)
     ceilings_done: set = field(default_factory=set)
-    floors: Any = None  # baselines.Floors: B's token ids at the anchors
-    ceilings: dict = field(default_factory=dict)  # (key, layer, la, lb) -> baselines.CodePair of the seed ceiling
+    """(key, layer) whose seed-ceiling rows are written: a layer in several pairs gets them from its first pair."""
+
+    def add_pair(self, parts: list[PartRows]) -> None:
+        """Append one layer pair's parts in the order of the sequential stage: every part's metrics,
+        then the seed ceilings not written yet, then the universality rows."""
+        last = lambda r: r["space"] == "universality"  # noqa: E731
+        self.metrics += [r for p in parts for r in p.metrics if not last(r)]
+        for p in parts:
+            self.alignment += p.alignment
+            self.matches += p.matches
+            for key, (rows, matches) in p.seed.items():
+                if key not in self.ceilings_done:
+                    self.ceilings_done.add(key)
+                    self.metrics += rows
+                    self.seed_matches += matches
+        self.metrics += [r for p in parts for r in p.metrics if last(r)]
 
 
-def _align_pair(
-    cfg: RunConfig, cache: ActivationCache, rcache: ActivationCache | None, la: int, lb: int,
-    rng: np.random.Generator, rep: Report, progress: bool = False,
-) -> None:  # fmt: skip
+class _Bar:
+    """One task's progress bar: a step per section; the postfix names the section and the
+    resampling loop running (`_status`)."""
+
+    def __init__(self, total: int, desc: str, progress: bool):
+        self.bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, position=workers.slot())
+        self.phase = ""
+
+    def section(self, name: str) -> None:
+        self.phase = name
+
+    def status(self, what: str) -> None:
+        self.bar.set_postfix_str(f"{self.phase}: {what}", refresh=True)
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _pair_data(cfg: RunConfig, cache: ActivationCache, la: int, lb: int) -> tuple[Paired, Paired, baselines.Floors]:
+    """Masked train and held-out anchor pairs of (la, lb) and B's token ids at them (the floors' input)."""
     acfg, ratio = cfg.align, cfg.sae.max_norm_ratio
     tr, ho = _load_paired(cache, la, lb, "train", ratio), _load_paired(cache, la, lb, "heldout", ratio)
     _require(tr, ho, acfg, la, lb)
+    floors = baselines.Floors.from_cache(cache, cfg.seed)
+    return tr, ho, floors.masked(cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio))
+
+
+def _resid_space(tr: Paired, ho: Paired, acfg: AlignConfig, rng: np.random.Generator, la: int, lb: int, space: str,
+                 suffix: str, out: PartRows, masked: tuple[int, int]) -> tuple[dict, tuple]:  # fmt: skip
+    """Maps fitted on train, their held-out R² and retrieval (alignment.csv, method + suffix) and the
+    similarity metrics (metrics.csv `space`) of one residual space. Returns the maps and the view
+    (held-out CCA, held-out A, held-out B, Procrustes map) of `baselines.resid_rows`."""
+    m = cross_moments(tr.xa, tr.xb)  # one pass over the train anchors for the maps and the held-out CCA
+    maps = fit_maps(tr.xa, tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale, m)
+    out.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb, suffix)
+    hcca = HeldoutCCA.from_moments(m, acfg.svcca_variance)
+    out.metrics += _rows(la, lb, space, resid_metrics(tr, ho, acfg, rng, hcca), masked=masked)
+    return maps, (hcca, ho.xa, ho.xb, maps["procrustes"])
+
+
+def _save_maps(cfg: RunConfig, maps: dict, la: int, lb: int, **meta: Any) -> None:
+    for mp in maps.values():
+        mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name, **meta)
+        mp.save(map_dir(cfg.run_dir, la, lb))
+
+
+def _resid_part(cfg: RunConfig, cache: ActivationCache, la: int, lb: int, rng: np.random.Generator, bar: _Bar) -> PartRows:
+    """Residual maps and metrics of (la, lb): masked raw, z-scored (optional), each floor; universality rows."""
+    acfg, out = cfg.align, PartRows()
+    tr, ho, floors = _pair_data(cfg, cache, la, lb)
     log.info("layers (a=%d, b=%d): %d train / %d held-out anchors after the row mask dropped %d / %d "
              "(held-out: %d with A's row masked, %d with B's)", la, lb, tr.n, ho.n, tr.dropped, ho.dropped, *ho.masked)
-    rows = lambda space, res: _rows(la, lb, space, res, masked=ho.masked)  # noqa: E731
-
-    maps = fit_maps(tr.xa, tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-    for mp in maps.values():
-        mp.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
-                       fitted_on="masked raw train anchors", n_masked=tr.dropped)
-        mp.save(map_dir(cfg.run_dir, la, lb))
-    bar = tqdm(total=4 + len(acfg.input_floors) + (rcache is not None), desc=f"align A{la}-B{lb}", leave=False,
-               disable=not progress)
-    phase = ["masked raw"]
-
-    def step(then: str) -> None:  # one section done; `then` names the next one in the bar
-        bar.update(1)
-        phase[0] = then
-
-    global _status
-    _status = lambda what: bar.set_postfix_str(f"{phase[0]}: {what}", refresh=True)  # noqa: E731
-    rep.alignment += _score_maps(maps, tr.n, ho, acfg, rng, la, lb)
-    rep.metrics += rows("resid", resid_metrics(tr, ho, acfg, rng))
-    step("z-scored (basis-dependent)" if acfg.standardized_space else "floors")
+    bar.section("masked raw")
+    maps, real = _resid_space(tr, ho, acfg, rng, la, lb, "resid", "", out, ho.masked)
+    _save_maps(cfg, maps, la, lb, fitted_on="masked raw train anchors", n_masked=tr.dropped)
+    bar.step()
     if acfg.standardized_space:  # basis-dependent variant, labelled as such (see `zscore`)
+        bar.section("z-scored (basis-dependent)")
         ztr, zho = zscore(tr, ho)
-        zmaps = fit_maps(ztr.xa, ztr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-        rep.alignment += _score_maps(zmaps, tr.n, zho, acfg, rng, la, lb, suffix=":z")
+        zmaps, _ = _resid_space(ztr, zho, acfg, rng, la, lb, "resid_z", ":z", out, ho.masked)
         za, zb = zscore_stats(tr.xa), zscore_stats(tr.xb)
-        for mp in zmaps.values():  # saved as raw-space affine maps, so transfer can apply them like the others
-            raw = unstandardize(mp, *za, *zb)
-            raw.meta.update(layer_a=la, layer_b=lb, model_a=cfg.model_a.name, model_b=cfg.model_b.name,
-                            basis_dependent=True, n_masked=tr.dropped)
-            raw.save(map_dir(cfg.run_dir, la, lb))
-        rep.metrics += rows("resid_z", resid_metrics(ztr, zho, acfg, rng))
-    step("floors")
+        # saved as raw-space affine maps, so transfer can apply them like the others
+        raw = {k: unstandardize(mp, *za, *zb) for k, mp in zmaps.items()}
+        _save_maps(cfg, raw, la, lb, basis_dependent=True, n_masked=tr.dropped)
+        bar.step()
 
     # floors that share the input, through the same path as the real numbers (baselines), on the same masked anchors
-    floors = rep.floors.masked(cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio))
-    resid_floors = {}
     facfg = acfg if acfg.floor_nulls else replace(acfg, n_null=0)  # floors: passage resamples, optional own null
+    views = {}
     for name in acfg.input_floors:
-        phase[0] = f"{name} floor"
+        bar.section(f"{name} floor")
         fb_tr, fb_ho = floors.resid(name)
         ftr, fho = Paired(tr.xa, fb_tr, tr.pid, tr.masked, tr.dropped), Paired(ho.xa, fb_ho, ho.pid, ho.masked, ho.dropped)
-        fmaps = fit_maps(ftr.xa, ftr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-        rep.alignment += _score_maps(fmaps, tr.n, fho, facfg, rng, la, lb, suffix=f":{name}_b")
-        rep.metrics += rows(f"resid_{name}_b", resid_metrics(ftr, fho, facfg, rng))
-        resid_floors[name] = (ftr.xa, ftr.xb, fho.xa, fho.xb, fmaps["procrustes"])
-        step("floors")
+        _, views[name] = _resid_space(ftr, fho, facfg, rng, la, lb, f"resid_{name}_b", f":{name}_b", out, ho.masked)
+        bar.step()
+    rcache = _open_random(cfg)
     if rcache is not None:  # floor: trained A against randomly initialised B on the same (masked) anchors
-        phase[0] = "random-weights floor"
+        bar.section("random-weights floor")
         if lb in rcache.layers("b"):
+            ratio = cfg.sae.max_norm_ratio
             keep_tr, keep_ho = cache.pair_mask(la, lb, "train", ratio), cache.pair_mask(la, lb, "heldout", ratio)
             rb_tr = Paired(tr.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("train")[keep_tr, 1]), tr.pid, tr.masked, tr.dropped)
             rb_ho = Paired(ho.xa, rcache.acts("b", lb).take(rcache.anchor_pairs("heldout")[keep_ho, 1]), ho.pid, ho.masked, ho.dropped)
-            floor_maps = fit_maps(rb_tr.xa, rb_tr.xb, acfg.methods, acfg.ridge_alpha, acfg.svcca_variance, acfg.procrustes_scale)
-            rep.alignment += _score_maps(floor_maps, tr.n, rb_ho, facfg, rng, la, lb, suffix=":random_b")
-            rep.metrics += rows("resid_random_b", resid_metrics(rb_tr, rb_ho, facfg, rng))
-            resid_floors["random"] = (rb_tr.xa, rb_tr.xb, rb_ho.xa, rb_ho.xb, floor_maps["procrustes"])
+            _, views["random"] = _resid_space(rb_tr, rb_ho, facfg, rng, la, lb, "resid_random_b", ":random_b", out, ho.masked)
             # no z-scored random floor: the z-scored space is a basis-dependent variant (issue 18), its
             # floors are the masked raw ones; it cost as much as a whole residual space per layer pair
         else:
             log.info("random-init cache has no layer %d of model b; skipping the floor for this pair", lb)
-        step("SAE codes and matches")
+        bar.step()
 
+    # universality = (cross − floor) / (ceiling − floor), jointly passage-resampled (baselines)
+    bar.section("universality rows")
+    _status("residual metrics, joint passage resamples")
+    out.metrics += baselines.resid_rows(la, lb, real, views, acfg, rng, ho.pid)
+    bar.step()
+    return out
+
+
+def _sae_part(cfg: RunConfig, cache: ActivationCache, la: int, lb: int, rng: np.random.Generator, bar: _Bar) -> PartRows:
+    """SAE codes of (la, lb): matches and code metrics, the code floors, both seed ceilings; universality rows."""
+    acfg, out = cfg.align, PartRows()
+    tr, ho, floors = _pair_data(cfg, cache, la, lb)
     sae_a = _find_sae(cfg, "a", la, cache.d_model("a"))
     sae_b = _find_sae(cfg, "b", lb, cache.d_model("b"))
+    keep: dict = {}
+    real = None
+    code_floors = {}
     if sae_a is not None and sae_b is not None:
-        R = maps["procrustes"].rotation if "procrustes" in maps else procrustes_rotation(tr.xa, tr.xb)
-        keep: dict = {}
+        bar.section("SAE codes and matches")
+        # A's decoder directions in B's basis: the rotation of the Procrustes map (`align.fit_procrustes`)
+        R = procrustes_rotation(tr.xa, tr.xb).astype(np.float32)
         strata = floors.tok_ho
         metrics, matches = sae_block(sae_a, sae_b, tr.xa, tr.xb, tr.pid, ho.xa, ho.xb, ho.pid, R, acfg, rng, strata, keep)
-        rep.metrics += rows("sae", metrics)
+        out.metrics += _rows(la, lb, "sae", metrics, masked=ho.masked)
         for m in matches.values():
-            rep.matches += m.rows(la, lb)
+            out.matches += m.rows(la, lb)
         real = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
-        code_floors = {}
+        bar.step()
         for name in acfg.input_floors:  # B's SAE replaced by a token-identity encoder, same sae_block
-            phase[0] = f"SAE codes vs {name} floor"
+            bar.section(f"SAE codes vs {name} floor")
             tok_sae, ids_tr, ids_ho = floors.codes(name)
             fkeep: dict = {}
             fm, fmatch = sae_block(sae_a, tok_sae, tr.xa, ids_tr, tr.pid, ho.xa, ids_ho, ho.pid, R, acfg, rng, strata, fkeep,
                                    codes_a=(keep["ctr_a"], keep["ca"]) if "ctr_a" in keep else None)
-            rep.metrics += rows(f"sae_{name}_b", fm)
+            out.metrics += _rows(la, lb, f"sae_{name}_b", fm, masked=ho.masked)
             code_floors[name] = baselines.CodePair(fkeep["ca"], fkeep["cb"], fmatch.get("hungarian"))
+            bar.step()
 
+    ceilings = []
     for key, layer, x_tr, x_ho in (("a", la, tr.xa, ho.xa), ("b", lb, tr.xb, ho.xb)):
         # per layer pair: the ceiling must see the same masked held-out rows as the cross-model number
-        phase[0] = f"seed ceiling of {key.upper()}{layer}"
+        bar.section(f"seed ceiling of {key.upper()}{layer}")
         base = None  # the seed-0 SAE's codes on these rows, from the real pair
-        if sae_a is not None and sae_b is not None and "ctr_a" in keep:
+        if real is not None and "ctr_a" in keep:
             base = (keep["ctr_a"], keep["ca"]) if key == "a" else (keep["ctr_b"], keep["cb"])
-        _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, rep, floors.tok_ho, (la, lb), base)
-    step("universality rows")
+        ceiling = _seed_ceiling(cfg, cache, key, layer, x_tr, tr.pid, x_ho, ho.pid, rng, floors.tok_ho, out, base)
+        if ceiling is not None:
+            ceilings.append(ceiling)
+        bar.step()
 
-    # universality = (cross − floor) / (ceiling − floor), jointly passage-resampled (baselines)
-    _status("residual metrics, joint passage resamples")
-    rep.metrics += baselines.resid_rows(la, lb, (tr.xa, tr.xb, ho.xa, ho.xb, maps["procrustes"]), resid_floors, acfg, rng, ho.pid)
-    if sae_a is not None and sae_b is not None:
+    if real is not None:  # universality = (cross − floor) / (ceiling − floor), jointly passage-resampled (baselines)
+        bar.section("universality rows")
         _status("SAE metrics, joint passage resamples")
-        ceils = [rep.ceilings[k] for k in (("a", la, la, lb), ("b", lb, la, lb)) if k in rep.ceilings]
         tok_codes = floors.codes("token")[0].encode_csr(floors.tok_ho[:, None])
-        rep.metrics += baselines.code_rows(la, lb, real, code_floors, ceils, tok_codes, acfg, rng, ho.pid)
-    bar.update(1)
-    bar.close()
-    _status = lambda what: None  # noqa: E731
+        out.metrics += baselines.code_rows(la, lb, real, code_floors, ceilings, tok_codes, acfg, rng, ho.pid)
+    bar.step()
+    return out
 
 
 def _seed_ceiling(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, x_tr: np.ndarray, pid_tr: np.ndarray,
-                  x_ho: np.ndarray, pid_ho: np.ndarray, rng: np.random.Generator, rep: Report,
-                  strata: np.ndarray, pair: tuple[int, int], base_codes: tuple[Any, Any] | None = None) -> None:  # fmt: skip
-    """Ceiling: the same model's SAEs from two seeds, matched exactly like the cross-model pair."""
+                  x_ho: np.ndarray, pid_ho: np.ndarray, rng: np.random.Generator, strata: np.ndarray, out: PartRows,
+                  base_codes: tuple[Any, Any] | None = None) -> baselines.CodePair | None:  # fmt: skip
+    """Ceiling: the same model's SAEs from two seeds, matched exactly like the cross-model pair.
+
+    Its rows go to `out.seed[(key, layer)]` (`Report.add_pair` writes a layer's rows once); returns
+    the held-out codes and matches for this pair's universality rows."""
     if len(cfg.sae.seeds) < 2 or not cfg.sae_dir(key, layer).exists():
-        return
+        return None
     other = _find_sae(cfg, key, layer, cache.d_model(key), seed=cfg.sae.seeds[1])
     if other is None:
-        return
+        return None
     base = _find_sae(cfg, key, layer, cache.d_model(key))
     keep: dict = {}
     metrics, matches = sae_block(base, other, x_tr, x_tr, pid_tr, x_ho, x_ho, pid_ho, None, cfg.align, rng,
                                  strata, keep, codes_a=base_codes)  # fmt: skip
-    rep.ceilings[(key, layer, *pair)] = baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
-    if (key, layer) in rep.ceilings_done:  # a layer in several pairs: its seed rows are written once
-        return
-    rep.ceilings_done.add((key, layer))
-    rep.metrics += _rows(layer, layer, f"sae_seed_{key}", metrics)
+    seed_rows = []
     for m in matches.values():
         for row in m.rows(layer, layer):
             row["method"] = f"seed_{key}:{row['method']}"
-            rep.seed_matches.append(row)
+            seed_rows.append(row)
+    out.seed[(key, layer)] = (_rows(layer, layer, f"sae_seed_{key}", metrics), seed_rows)
+    return baselines.CodePair(keep["ca"], keep["cb"], matches.get("hungarian"))
+
+
+def _pair_sections(cfg: RunConfig, part: str) -> int:
+    """Sections of a part's bar, one step each: raw, z-scored, floors, universality (resid); real
+    pair, code floors, two seed ceilings, universality (sae)."""
+    floors = len(cfg.align.input_floors)
+    if part == "resid":
+        return 2 + cfg.align.standardized_space + floors + (_open_random(cfg) is not None)
+    return 4 + floors
+
+
+def _run_task(cfg: RunConfig, kind: str, arg: Any, progress: bool) -> Any:
+    """One task of the stage, in this process or a worker: a part of layer pair `arg` (kind in PARTS),
+    or part of the layer-CKA sweep (kind "layer_cka", arg: the layer pairs, the A layers of the part)."""
+    global _status
+    cache = ActivationCache(cfg.cache_dir)
+    if kind == "layer_cka":  # arg: (layer pairs, the A layers of this part of the grid)
+        return layer_cka(cache, cfg.align.layer_cka_max_tokens, _stream(cfg.seed, 1), cfg.align, cfg.sae.max_norm_ratio,
+                         arg[0], progress, arg[1], lambda la, lb: _stream(cfg.seed, 1, la, lb))  # fmt: skip
+    la, lb = arg
+    bar = _Bar(_pair_sections(cfg, kind), f"align A{la}-B{lb} {'residual' if kind == 'resid' else 'SAE'}", progress)
+    _status = bar.status
+    try:
+        fn = _resid_part if kind == "resid" else _sae_part
+        return fn(cfg, cache, la, lb, _stream(cfg.seed, 0, la, lb, PARTS.index(kind)), bar)
+    finally:
+        bar.close()
+        _status = lambda what: None  # noqa: E731
 
 
 def _centered_with_norms(X: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, float]:
@@ -585,13 +706,22 @@ def _centered_with_norms(X: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, 
 def _cka_grid(side_a: dict[int, np.ndarray], side_b: dict[int, np.ndarray], keep_a: dict[int, np.ndarray],
               keep_b: dict[int, np.ndarray], source: str) -> list[dict]:  # fmt: skip
     """Linear CKA (feature-space formula) for every (layer of A, layer of B) on the rows both
-    layers' masks keep; z-scored CKA alongside as the basis-dependent variant."""
+    layers' masks keep; z-scored CKA alongside as the basis-dependent variant.
+
+    A layer's centred rows and norms depend only on the rows kept, which are the same for most
+    cells (the masks differ in a few layers), so they are computed once per (layer, kept rows)."""
     rows = []
+    cache_b: dict[tuple[int, bytes], tuple] = {}
     for la, Xa in side_a.items():
+        cache_a: dict[bytes, tuple] = {}
         for lb, Xb in side_b.items():
             keep = keep_a[la] & keep_b[lb]
-            A, na, Az, naz = _centered_with_norms(Xa[keep])
-            B, nb, Bz, nbz = _centered_with_norms(Xb[keep])
+            key = keep.tobytes()
+            if key not in cache_a:
+                cache_a[key] = _centered_with_norms(Xa[keep])
+            if (lb, key) not in cache_b:
+                cache_b[(lb, key)] = _centered_with_norms(Xb[keep])
+            (A, na, Az, naz), (B, nb, Bz, nbz) = cache_a[key], cache_b[(lb, key)]
             cka = float(np.sum((A.T @ B).astype(np.float64) ** 2) / (na * nb)) if na * nb > 0 else math.nan
             cka_z = float(np.sum((Az.T @ Bz).astype(np.float64) ** 2) / (naz * nbz)) if naz * nbz > 0 else math.nan
             rows.append({"layer_a": la, "layer_b": lb, "cka": cka, "cka_z": cka_z, "n_pairs": int(keep.sum()),
@@ -633,24 +763,40 @@ def _layer_keep(cache: ActivationCache, key: str, X: np.ndarray, rows: np.ndarra
 
 
 def _cell_cis(rows: list[dict], side_a: dict, side_b: dict, keep_a: dict, keep_b: dict, pid: np.ndarray,
-              cells: set, acfg: AlignConfig, rng: np.random.Generator) -> None:  # fmt: skip
-    """Passage CI and shuffled-pairing null of linear CKA for the chosen cells (Gram form, resampled by index)."""
+              cells: set, acfg: AlignConfig, rng: Callable[[int, int], np.random.Generator],
+              progress: bool = True) -> None:  # fmt: skip
+    """Passage CI and shuffled-pairing null of linear CKA for the chosen cells (Gram form, resampled by
+    index); rng(la, lb): the random stream of cell (la, lb)."""
     todo = [r for r in rows if (r["layer_a"], r["layer_b"]) in cells]
-    for r in tqdm(todo, desc="layer CKA CIs", leave=False, disable=None):
-        keep = keep_a[r["layer_a"]] & keep_b[r["layer_b"]]
-        res = _ci(cka_pairwise, linear_gram(side_a[r["layer_a"]][keep]), linear_gram(side_b[r["layer_b"]][keep]),
-                  pid[keep], acfg, rng, f"layer CKA A{r['layer_a']}-B{r['layer_b']}")
+    for r in tqdm(todo, desc="layer CKA CIs", leave=False, disable=None if progress else True, position=workers.slot()):
+        la, lb = r["layer_a"], r["layer_b"]
+        keep = keep_a[la] & keep_b[lb]
+        res = _ci(cka_pairwise, linear_gram(side_a[la][keep]), linear_gram(side_b[lb][keep]), pid[keep], acfg,
+                  rng(la, lb), f"layer CKA A{la}-B{lb}")
         r.update(ci_low=res.ci_low, ci_high=res.ci_high, null_mean=res.null_mean, p_value=res.p_value)
 
 
+def layer_cka_layers(cache: ActivationCache) -> list[int]:
+    """The layers of A that `layer_cka` has rows for: every block (sweep) or the cached layers."""
+    sweep = cache.dir / "layer_sweep"
+    if (sweep / "sweep.json").is_file():
+        return list(range(load_npy(sweep / "a.npy", mmap=True).shape[0]))
+    return list(cache.layers("a"))
+
+
 def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator, acfg: AlignConfig | None = None,
-              ratio: float | None = None, pairs_of_interest: list[tuple[int, int]] | None = None) -> list[dict]:  # fmt: skip
+              ratio: float | None = None, pairs_of_interest: list[tuple[int, int]] | None = None,
+              progress: bool = True, layers_a: list[int] | None = None,
+              cell_rng: Callable[[int, int], np.random.Generator] | None = None) -> list[dict]:  # fmt: skip
     """Linear CKA for every (layer of A, layer of B) on masked held-out anchors, raw and z-scored.
 
     Uses the all-layers sweep (`cache/layer_sweep`, every block of both models) when extraction
     wrote one; otherwise the cached layers only. With `acfg`, the configured layer pairs and each
     A layer's best B layer get a passage CI and a shuffled-pairing null (columns ci_low ... p_value);
     when the sweep holds fewer than align.min_passages passages those stay empty and a warning says so.
+    `layers_a`: only these rows of the grid (a cell's CI needs only its own A layer's row);
+    `cell_rng(la, lb)`: each cell's own random stream (default: all draw from `rng`), so the grid can
+    be computed in parts with the same numbers.
     """
     ratio = cache.mask_ratio() if ratio is None else ratio
     sweep = cache.dir / "layer_sweep"
@@ -677,6 +823,8 @@ def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator,
         keep_a = {la: cache.row_mask("a", la, ratio)[pairs[:, 0]] for la in side_a}
         keep_b = {lb: cache.row_mask("b", lb, ratio)[pairs[:, 1]] for lb in side_b}
         source = "cached_layers"
+    if layers_a is not None:
+        side_a = {la: X for la, X in side_a.items() if la in layers_a}
     rows = _cka_grid(side_a, side_b, keep_a, keep_b, source)
     if acfg is not None and (acfg.n_bootstrap or acfg.n_null):
         n_pass = len(np.unique(pid))
@@ -689,7 +837,7 @@ def layer_cka(cache: ActivationCache, max_tokens: int, rng: np.random.Generator,
                 if np.isfinite(r["cka"]) and r["cka"] > best.get(r["layer_a"], (None, -np.inf))[1]:
                     best[r["layer_a"]] = (r["layer_b"], r["cka"])
             cells = {(la, lb) for la, (lb, _) in best.items()} | set(pairs_of_interest or [])
-            _cell_cis(rows, side_a, side_b, keep_a, keep_b, pid, cells, acfg, rng)
+            _cell_cis(rows, side_a, side_b, keep_a, keep_b, pid, cells, acfg, cell_rng or (lambda la, lb: rng), progress)
     return rows
 
 
@@ -704,14 +852,36 @@ def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
 
 def run_align(cfg: RunConfig, layers_a: list[int] | None = None, layers_b: list[int] | None = None,
               progress: bool = True) -> None:  # fmt: skip
-    """Stage entry: align each configured (or requested) layer pair and write the report CSVs."""
+    """Stage entry: align each configured (or requested) layer pair and write the report CSVs.
+
+    Tasks (PARTS of every layer pair, and the layer-CKA sweep) run in `align.workers` processes
+    (`workers.run_tasks`), the longest first; their rows are merged in layer-pair order, so the
+    CSVs do not depend on the number of workers."""
     cache = ActivationCache(cfg.cache_dir)
     pairs = _layer_pairs(cfg, cache, layers_a, layers_b)
-    rcache = _random_cache(cfg, cache)
-    rng = np.random.default_rng(cfg.seed)
-    rep = Report([], [], [], [], floors=baselines.Floors.from_cache(cache, cfg.seed))
-    for la, lb in tqdm(pairs, desc="align layer pairs", disable=not progress):
-        _align_pair(cfg, cache, rcache, la, lb, rng, rep, progress)
+    _random_cache(cfg, cache)  # a random-init cache that does not fit fails here, before any work
+    tasks = [(cfg, part, pair, progress) for part in ("sae", "resid") for pair in pairs]  # SAE parts take longest
+    layers = layer_cka_layers(cache)
+    chunks = [tuple(layers[i : i + LAYER_CKA_CHUNK]) for i in range(0, len(layers), LAYER_CKA_CHUNK)]
+    tasks += [(cfg, "layer_cka", (pairs, chunk), progress) for chunk in chunks]
+    bar = tqdm(total=len(pairs), desc="align layer pairs", disable=not progress, position=0)
+    left = {pair: len(PARTS) for pair in pairs}
+
+    def done(i: int, _: Any) -> None:
+        kind, pair = tasks[i][1], tasks[i][2]
+        if kind in PARTS:
+            left[pair] -= 1
+            bar.update(left[pair] == 0)
+
+    try:
+        results = workers.run_tasks(_run_task, tasks, cfg.align.workers, done)
+    finally:
+        bar.close()
+    by_task = {(t[1], t[2]): r for t, r in zip(tasks, results) if t[1] in PARTS}
+    grid = [row for t, r in zip(tasks, results) if t[1] == "layer_cka" for row in r]  # in layer order
+    rep = Report()
+    for pair in pairs:
+        rep.add_pair([by_task[(part, pair)] for part in PARTS])
     add_qvalues(rep.metrics)
     report = cfg.report_dir
     write_csv(report / "metrics.csv", METRIC_COLUMNS + baselines.BASELINE_COLUMNS, baselines.annotate(rep.metrics))
@@ -719,6 +889,5 @@ def run_align(cfg: RunConfig, layers_a: list[int] | None = None, layers_b: list[
     write_csv(report / "feature_matches.csv", MATCH_COLUMNS, rep.matches)
     if rep.seed_matches:
         write_csv(report / "feature_matches_seed.csv", MATCH_COLUMNS, rep.seed_matches)
-    grid = layer_cka(cache, cfg.align.layer_cka_max_tokens, rng, cfg.align, cfg.sae.max_norm_ratio, pairs)
     write_csv(report / "layer_cka.csv", LAYER_CKA_COLUMNS, grid)
     log.info("align: wrote %s", report)

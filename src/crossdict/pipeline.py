@@ -133,7 +133,13 @@ ALIGN_FILES = ("metrics.csv", "alignment.csv", "feature_matches.csv", "layer_cka
 def _run_align(ctx: Context) -> None:
     from .evaluate import run_align
 
-    run_align(ctx.cfg)
+    run_align(ctx.cfg, progress=ctx.progress)
+
+
+def _align_config(c: RunConfig) -> dict:
+    """What the align stage's outputs depend on: not `align.workers`, which changes only its time."""
+    align = {k: v for k, v in asdict(c.align).items() if k != "workers"}
+    return {"align": align, "seed": c.seed, "layer_pairs": c.layer_pairs}
 
 
 TRANSFER_FILES = ("transfer.csv", "transfer_paired.csv", "transfer_examples.json", "stitching.csv", "feature_patching.csv",
@@ -188,8 +194,7 @@ def stages(cfg: RunConfig) -> list[Stage]:
               (), _extract_outputs, _extract_lazily),
         Stage("train", _train_config,
               ("extract",), _train_outputs, _run_train),
-        Stage("align", lambda c: {"align": asdict(c.align), "seed": c.seed, "layer_pairs": c.layer_pairs},
-              ("extract", "train"), lambda c: [c.report_dir / f for f in ALIGN_FILES], _run_align),
+        Stage("align", _align_config, ("extract", "train"), lambda c: [c.report_dir / f for f in ALIGN_FILES], _run_align),
         Stage("transfer", lambda c: {"transfer": asdict(c.transfer), "seed": c.seed, "q": c.align.q_threshold},
               ("extract", "train", "align"), _transfer_outputs, _run_transfer),
         *_crosscoder_stage(cfg),
