@@ -201,7 +201,7 @@ def test_run_align_end_to_end(toy_run, caplog, capsys):
     err = capsys.readouterr().err  # progress names each resampling loop while it runs (issue 14 item 4)
     for what in ("masked raw: linear_cka / debiased_cka", "masked raw: ridge R² and retrieval", "token floor: svcca",
                  "random-weights floor", "SAE codes and matches: feature matching", "seed ceiling of A1",
-                 "SAE-code debiased_cka", "joint passage resamples"):
+                 "SAE-code linear_cka / debiased_cka", "joint passage resamples"):
         assert what in err, what
     rep = cfg.report_dir
 

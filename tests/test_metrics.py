@@ -413,6 +413,10 @@ def test_pair_null_equals_correlations_of_re_paired_rows(rng):
         ref_tok = sum(pair_correlation(xa, xb[token_stratified_pairing(strata, r)]) >= obs - 1e-12 for _ in range(60))
         np.testing.assert_array_equal(n_tok, ref_tok)
     assert (n_tok == 60).all()  # B = token: every within-token draw ties the observed correlation
+    from crossdict.matching import _cross_sums
+
+    Bp = B[rng.permutation(n)]  # A's codes looked up at B's nonzeros: the elementwise product's sums, bit for bit
+    np.testing.assert_array_equal(_cross_sums(A, A.toarray().ravel(), Bp), np.asarray(A.multiply(Bp).sum(0)).ravel())
 
 
 def test_rsa_on_rank_rdms_equals_spearman_on_every_resample(rng):
@@ -430,3 +434,15 @@ def test_rsa_on_rank_rdms_equals_spearman_on_every_resample(rng):
             assert M.rsa_pairwise(Ra[ra], Rb[rb]) == M.rsa_pairwise(Da[ra], Db[rb])
     const = M.Pairwise(np.ones((20, 20)))
     assert np.isnan(M.rsa_pairwise(M.rdm_ranks(const), Rb[np.arange(20)]))
+
+
+def test_shared_resamples_give_each_gram_metric_its_own_numbers(rng):
+    """`gram_cka_family` under `with_ci` (one gather of both Gram matrices per resample, shared by linear
+    and debiased CKA) gives each metric what its own `with_ci` gives on the same draws."""
+    X, Y = related(rng, n=300)
+    K, L = M.linear_gram(X), M.linear_gram(Y)
+    pid = np.repeat(np.arange(30), 10)
+    both = with_ci(M.gram_cka_family, K, L, pid, 20, 20, np.random.default_rng(1))
+    for name, fn in (("linear_cka", M.cka_pairwise), ("debiased_cka", M.debiased_cka_pairwise)):
+        alone = with_ci(fn, K, L, pid, 20, 20, np.random.default_rng(1))
+        assert both[name] == alone, name

@@ -53,7 +53,7 @@ from .metrics import (
     cka_pairwise,
     HeldoutCCA,
     cka_family,
-    debiased_cka_pairwise,
+    gram_cka_family,
     linear_gram,
     match_invariance,
     mutual_knn_pairwise,
@@ -342,10 +342,7 @@ def code_metrics(
     sub = within_passage_subsample(pid, acfg.metric_max_tokens, rng)
     ca, cb, pid = ca[sub], cb[sub], pid[sub]
     Ka, Kb = linear_gram(ca), linear_gram(cb)
-    out = {
-        "linear_cka": _ci(cka_pairwise, Ka, Kb, pid, acfg, rng, "SAE-code linear_cka"),
-        "debiased_cka": _ci(debiased_cka_pairwise, Ka, Kb, pid, acfg, rng, "SAE-code debiased_cka"),
-    }
+    out = _ci(gram_cka_family, Ka, Kb, pid, acfg, rng, "SAE-code linear_cka / debiased_cka")  # resamples shared
     out.update(_pairwise_metrics(ca, cb, pid, acfg, rng, rbf=False))
     if hung is not None and len(hung):
         ta, tb = topk_sets(ca, cb, hung.feat_a, hung.feat_b, acfg.top_k_overlap)  # once; resamples index rows

@@ -154,14 +154,32 @@ def code_correlation(
 
 def pair_correlation(xa: sparse.csr_matrix, xb: sparse.csr_matrix) -> np.ndarray:
     """Column-wise Pearson correlation `[K]` between xa `[n, K]` and xb `[n, K]` (pair i = column i)."""
-    return _pair_corr(xa.shape[0], _mean_sd(xa), _mean_sd(xb), xa.multiply(xb))
+    return _pair_corr(xa.shape[0], _mean_sd(xa), _mean_sd(xb), _cross_sums(xa, None, xb))
+
+
+DENSE_LOOKUP_MAX = 64 * 1024 * 1024
+"""Largest n·K (float32 entries, 256 MiB) for which `pair_null` keeps A's codes dense for `_cross_sums`."""
+
+
+def _cross_sums(xa: sparse.csr_matrix, dense_a: np.ndarray | None, xb: sparse.csr_matrix) -> np.ndarray:
+    """Σ_i xa[i, k]·xb[i, k] `[K]` float32, as `xa.multiply(xb).sum(0)`.
+
+    With `dense_a` (xa.toarray().ravel()) the products are formed at xb's nonzeros by looking up
+    A's value, instead of merging both rows' index lists (A holds most nonzeros; this is most of a
+    null draw). The products are the same float32 numbers and are summed per column in the same
+    row order (zeros where A is 0 add nothing), so the sums are bit-identical."""
+    if dense_a is None:
+        return np.asarray(xa.multiply(xb).sum(0)).ravel()
+    rows = np.repeat(np.arange(xb.shape[0], dtype=np.int64), np.diff(xb.indptr))
+    prod = xb.data * dense_a.take(rows * xb.shape[1] + xb.indices)
+    return np.asarray(sparse.csr_matrix((prod, xb.indices, xb.indptr), shape=xb.shape).sum(0)).ravel()
 
 
 def _pair_corr(n: int, mom_a: tuple[np.ndarray, np.ndarray], mom_b: tuple[np.ndarray, np.ndarray],
-               prod: sparse.csr_matrix) -> np.ndarray:  # fmt: skip
-    """Correlations `[K]` from both sides' (mean, sd) over n paired rows and their elementwise product."""
+               cross: np.ndarray) -> np.ndarray:  # fmt: skip
+    """Correlations `[K]` from both sides' (mean, sd) over n paired rows and their cross sums (`_cross_sums`)."""
     (ma, sa), (mb, sb) = mom_a, mom_b
-    cov = np.asarray(prod.sum(0)).ravel() / n - ma * mb
+    cov = cross / n - ma * mb
     den = sa * sb
     return np.where(den > 0, cov / np.where(den > 0, den, 1.0), 0.0)
 
@@ -268,9 +286,10 @@ def pair_null(
     null = np.empty((n_null, len(ia))) if keep_null else None
     sums_a, sums_b = _column_sums(xa), _column_sums(xb)
     xb0 = sparse.vstack([xb, sparse.csr_matrix((1, xb.shape[1]), dtype=xb.dtype)], format="csr")  # + an empty row
+    dense_a = xa.toarray().ravel() if xa.shape[0] * xa.shape[1] <= DENSE_LOOKUP_MAX else None
     for t in range(n_null):
         ra, rb = shuffled_pairing(idx, rng)
-        draw = _shuffled_corr(xa, xb0, sums_a, sums_b, ra, rb)
+        draw = _shuffled_corr(xa, dense_a, xb0, sums_a, sums_b, ra, rb)
         n_ge += draw >= obs
         if keep_null:
             null[t] = draw
@@ -282,31 +301,31 @@ def pair_null(
     n_ge_tok = np.zeros(len(ia), np.int64)
     mom_a, mom_b = _mean_sd(xa), _mean_sd(xb)
     for _ in range(n_null):
-        draw = _pair_corr(xa.shape[0], mom_a, mom_b, xa.multiply(xb[token_stratified_pairing(strata, rng)]))
+        draw = _pair_corr(xa.shape[0], mom_a, mom_b, _cross_sums(xa, dense_a, xb[token_stratified_pairing(strata, rng)]))
         n_ge_tok += draw >= obs - 1e-12
     return obs, n_ge, null, n_ge_tok
 
 
-def _shuffled_corr(xa: sparse.csr_matrix, xb0: sparse.csr_matrix, sums_a: tuple, sums_b: tuple, ra: np.ndarray,
-                   rb: np.ndarray) -> np.ndarray:  # fmt: skip
+def _shuffled_corr(xa: sparse.csr_matrix, dense_a: np.ndarray | None, xb0: sparse.csr_matrix, sums_a: tuple,
+                   sums_b: tuple, ra: np.ndarray, rb: np.ndarray) -> np.ndarray:  # fmt: skip
     """`pair_correlation(xa[ra], xb[rb])` `[K]` for a shuffled pairing that keeps rows ra of A (sorted)
     and rows rb of B: each side's sums are its totals (`_column_sums`) less the few rows left out,
     and B's rows are moved to their A partners' positions (xb0: xb plus an empty last row for A's
-    rows left out), so A's codes, the bulk of the nonzeros, are never copied. The products are the
-    same, summed in the same row order; the moments differ from a sum over the kept rows only by
-    rounding (1e-16)."""
+    rows left out), so A's codes, the bulk of the nonzeros, are never copied. The cross sums are the
+    same numbers (`_cross_sums`); the moments differ from sums over the kept rows only by rounding
+    (1e-16)."""
     n = xa.shape[0]
     pos = np.full(n, xb0.shape[0] - 1)
     pos[ra] = rb
     mom = []
-    for C, (s, s2), kept in ((xa, sums_a, ra), (xb0[:-1], sums_b, rb)):
-        out = np.ones(C.shape[0], bool)
+    for C, (s, s2), kept in ((xa, sums_a, ra), (xb0, sums_b, rb)):  # both sides have n rows (xb0: + 1 empty)
+        out = np.ones(n, bool)
         out[kept] = False
         if out.any():
             e, e2 = _column_sums(C[np.nonzero(out)[0]])
             s, s2 = s - e, s2 - e2
         mom.append(_moments(s, s2, float(len(ra))))
-    return _pair_corr(len(ra), mom[0], mom[1], xa.multiply(xb0[pos]))
+    return _pair_corr(len(ra), mom[0], mom[1], _cross_sums(xa, dense_a, xb0[pos]))
 
 
 def _zscores(obs: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

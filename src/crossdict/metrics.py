@@ -559,6 +559,12 @@ def debiased_cka_pairwise(K: Pairwise, L: Pairwise) -> float:
     return float(hxy / np.sqrt(hxx * hyy)) if hxx * hyy > 0 else float("nan")
 
 
+def gram_cka_family(K: Pairwise, L: Pairwise) -> dict[str, float]:
+    """Linear and debiased CKA of one resample of Gram matrices (the Gram-form twin of `cka_family`):
+    with `stats.with_ci` both metrics share each resample's two `[n, n]` gathers, most of their cost."""
+    return {"linear_cka": cka_pairwise(K, L), "debiased_cka": debiased_cka_pairwise(K, L)}
+
+
 def rsa_pairwise(Da: Pairwise, Db: Pairwise) -> float:
     """Spearman between the upper triangles of two RDMs, skipping pairs of duplicated tokens.
 
