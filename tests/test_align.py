@@ -434,6 +434,12 @@ def test_retrieval_ranks_have_the_distribution_of_drawn_distractor_sets():
     wrong = stats.hypergeom(n - 1, above + 1, M - 1)  # the partner counted as one of the distractors
     assert abs(new.mean() - wrong.mean()) > 10 * law.std() / np.sqrt(draws)
     assert new.max() <= above and (new >= 0).all()
+    # what the stage's stream yields afterwards does not depend on the similarities
+    from crossdict.align import draw_ranks
+
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    draw_ranks(np.full(500, 3), n, M, r1), draw_ranks(np.arange(500) % n, n, M, r2)
+    assert r1.random() == r2.random()
 
 
 def test_retrieval_is_at_chance_on_unrelated_data(rng):

@@ -222,11 +222,17 @@ def draw_ranks(above: np.ndarray, n: int, M: int, rng: np.random.Generator) -> n
     M-1 of those n-1 drawn uniformly without replacement (never the partner), so the count among
     them is hypergeometric(above, n-1-above, M-1): drawn directly, that is the same distribution
     as drawing the index set, with one random number per query instead of n keys and a partition
-    (`test_retrieval_ranks_have_the_distribution_of_drawn_distractor_sets`)."""
+    (`test_retrieval_ranks_have_the_distribution_of_drawn_distractor_sets`).
+
+    The sampler (rejection) uses a number of random numbers that depends on `above`, so it draws
+    from a child generator seeded by one number of `rng`: what `rng` yields afterwards does not
+    depend on the similarities, and a last-digit change of one (another BLAS thread count) changes
+    at most that query's rank, not every later draw of the stage."""
     above = np.maximum(np.asarray(above, np.int64), 0)  # a NaN partner score counts nothing, as before
+    child = np.random.default_rng(rng.integers(1 << 63))
     if M <= 1:
         return np.zeros(len(above), np.int64)
-    return rng.hypergeometric(above, n - 1 - above, M - 1).astype(np.int64)
+    return child.hypergeometric(above, n - 1 - above, M - 1).astype(np.int64)
 
 
 def retrieval_ranks(Qh: np.ndarray | None, Yn: np.ndarray | None, queries: np.ndarray, M: int, rng: np.random.Generator,
