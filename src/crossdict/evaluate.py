@@ -22,8 +22,8 @@ processes (`workers.run_tasks`) give the same CSVs as one.
 
 Cost (embedded demo config, SmolLM2-135M vs Gemma-3-270M, ~45k train / ~9k held-out anchors per
 pair, d ≈ 600, 1 x d L1 SAEs with two seeds, `standardized_space: false`; CPU seconds at 1 thread):
-~45 s residual part and ~50 s SAE part per layer pair, ~40 s for the 30 x 18 layer-CKA sweep;
-benchmarks/RESULTS.md has the measurements. `n_bootstrap`, `n_null`, `n_match_null` and
+~40-45 s residual part and ~35-45 s SAE part per layer pair, ~8 s per 10 A layers of the 30 x 18
+layer-CKA sweep, ~275 s in all: ~140 s with 2 workers on 2 cores (benchmarks/RESULTS.md). `n_bootstrap`, `n_null`, `n_match_null` and
 `n_match_bootstrap` trade time for resolution.
 """
 
