@@ -22,8 +22,9 @@ processes (`workers.run_tasks`) give the same CSVs as one.
 
 Cost (embedded demo config, SmolLM2-135M vs Gemma-3-270M, ~45k train / ~9k held-out anchors per
 pair, d ≈ 600, 1 x d L1 SAEs with two seeds, `standardized_space: false`; CPU seconds at 1 thread):
-~40-45 s residual part and ~35-45 s SAE part per layer pair, ~8 s per 10 A layers of the 30 x 18
-layer-CKA sweep, ~275 s in all: ~140 s with 2 workers on 2 cores (benchmarks/RESULTS.md). `n_bootstrap`, `n_null`, `n_match_null` and
+~35-45 s residual part and ~30-45 s SAE part per layer pair, ~7 s per 10 A layers of the 30 x 18
+layer-CKA sweep, ~225-275 s in all; 120 s wall with 2 workers on an idle 2-core machine, 192 s with
+one (benchmarks/RESULTS.md). `n_bootstrap`, `n_null`, `n_match_null` and
 `n_match_bootstrap` trade time for resolution.
 """
 
