@@ -115,6 +115,7 @@ def _config_dict(cfg: SAEConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("seeds", None)
     d.pop("lm_eval_passages", None)  # evaluation only
+    d.pop("lm_eval_seeds", None)
     d.pop("per_layer", None)  # resolved by `SAEConfig.for_layer` before it gets here
     return d
 
@@ -831,6 +832,8 @@ CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "
                "train_tokens", "wall_s"]
 """kl_* (KL of the next-token distribution, clean vs spliced), *_rand_err (same-norm random error, Gurnee 2024)
 and err_* (where the SAE's error lives) are described in `lm_loss_recovered` and `error_geometry`."""
+LM_COLUMNS = [c for c in CSV_COLUMNS if c.startswith(("loss_", "kl_", "frac_recovered_", "err_", "random_"))]
+"""The columns `lm_loss_recovered` fills: empty for seeds `sae.lm_eval_seeds` leaves out."""
 SEED_COLUMNS = ["seed_ref", "seed_shared_dec", "seed_median_cos_dec", "seed_q10_cos_dec", "seed_q90_cos_dec",
                 "seed_shared_enc", "seed_median_cos_enc", "seed_n_live"]
 """Seed stability against seed `seed_ref` (`stability.summary_columns`); empty with one seed."""
@@ -877,7 +880,8 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
     columns and `report/sae_stability.json`. SAEs whose directory is complete and whose saved fingerprint
     (SAE config, seed, data seed, model, layer, cache manifest) matches are reused, not retrained. Without
     `backends` the LM-loss columns stay empty; with them, the LM loss is measured on `lm_texts` (default:
-    the first `sae.lm_eval_passages` held-out corpus passages, via `crossdict.corpus`). One `LMEval` per
+    the first `sae.lm_eval_passages` held-out corpus passages, via `crossdict.corpus`) for every seed, or
+    for the first only (`sae.lm_eval_seeds: first`; the others' LM columns stay empty). One `LMEval` per
     model serves all its SAEs: one clean pass per model, the ablations once per layer.
 
     `dist` (from `distributed.init_dist`): every SAE is trained data-parallel over all ranks, or,
@@ -979,8 +983,9 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
         metrics = dist.broadcast_object(metrics)
     rows = []
     for i, seed in enumerate(seeds):
-        if backends is not None and (metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages
-                                     or "kl_sae" not in metrics[i]):  # measured before the KL columns
+        lm_evaluated = cfg.sae.lm_eval_seeds == "all" or i == 0
+        if backends is not None and lm_evaluated and (metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages
+                                                      or "kl_sae" not in metrics[i]):  # measured before the KL columns
             if dist.is_main:
                 sae = load_sae(dirs[i], device=getattr(backends[key], "device", "cpu"))
                 ev = _lm_eval(cfg, key, backends[key], lm_texts, lm)
@@ -993,7 +998,9 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
                "train_tokens": (scfg.train_tokens // scfg.batch_size) * scfg.batch_size,
                "wall_s": round(metrics[i].get("train_wall_s", time.perf_counter() - t0), 2)}
         row["masked_rows"] = int(cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["dropped"])  # of all cached rows
-        row.update({c: metrics[i].get(c, "") for c in CSV_COLUMNS if c not in row})
+        # A seed left out of the LM eval has empty LM columns, whatever an earlier run measured.
+        row.update({c: metrics[i].get(c, "") if lm_evaluated or c not in LM_COLUMNS else ""
+                    for c in CSV_COLUMNS if c not in row})
         rows.append(row)
     stab = _group_stability(cfg, key, layer, seeds, dirs, acts, layer_held, rows) if len(seeds) > 1 and dist.is_main else []
     return rows, stab
