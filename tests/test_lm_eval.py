@@ -167,7 +167,7 @@ class FullForwards:
 def test_shared_lm_eval_gives_the_old_numbers_for_two_layers_and_two_saes_each(tiny_models, dtype):
     backend = _load(tiny_models["llama"], dtype)
     batches = _batches(backend)
-    ev = LMEval(backend, batches)
+    ev = LMEval(backend, batches, layers=[1])  # layer 1's clean residual from the clean pass, layer 0's by a forward
     d = backend.d_model
     h1 = torch.cat([backend.hidden_states(b, [1])[1][b.is_content] for b in batches])
     max_norm = float(h1.norm(dim=-1).quantile(0.8))  # a fifth of layer 1's tokens count as massive: kept clean
@@ -189,28 +189,30 @@ def test_shared_lm_eval_gives_the_old_numbers_for_two_layers_and_two_saes_each(t
 
 
 def test_edited_forwards_skip_the_blocks_before_the_edit_and_the_clean_pass_runs_once_per_model(tiny_models):
+    """Counts forwards (`backend.logits` calls) and runs of block 0 and of the last block."""
     backend = _load(tiny_models["llama"])
     batches = _batches(backend)
-    ev = LMEval(backend, batches)
+    ev = LMEval(backend, batches, layers=[1])  # the clean pass keeps layer 1's residual, not layer 0's
     d, nb = backend.d_model, len(batches)
     block0, last = [], []  # calls of block 0's first submodule, of the last block's
     hooks = [next(backend.blocks[0].children()).register_forward_hook(lambda *a: block0.append(1)),
              next(backend.blocks[-1].children()).register_forward_hook(lambda *a: last.append(1))]
     real_logits, forwards = backend.logits, []
-    backend.logits = lambda b, edits=None: (forwards.append(edits is not None), real_logits(b, edits))[1]
+    backend.logits = lambda b, edits=None: (forwards.append(1), real_logits(b, edits))[1]
     try:
-        def run(layer: int, seed: int) -> tuple[int, int, int]:
+        def run(layer: int, seed: int) -> tuple[int, int]:
             block0.clear(), last.clear(), forwards.clear()
             lm_loss_recovered(backend, _sae(d, seed), layer, ev, seed=seed)
-            return len(block0), sum(forwards), len(forwards) - sum(forwards)
+            return len(block0), len(forwards)
 
-        # first SAE: the clean pass and the layer's clean residual run block 0; the 5 edited conditions do not
-        assert run(1, 0) == (2 * nb, 5 * nb, nb)
+        # first SAE: the clean pass runs block 0 (and keeps layer 1's residual); the 5 edited conditions do not
+        assert run(1, 0) == (nb, 6 * nb)
         assert len(last) == 6 * nb  # every forward still runs the blocks after the edit
         # the second seed at that layer: its own 3 conditions only (clean pass and ablations are reused)
-        assert run(1, 1) == (0, 3 * nb, 0)
-        # another layer: its clean residual (one forward up to it), its 2 ablations and the SAE's 3 conditions
-        assert run(0, 2) == (nb, 5 * nb, 0)
+        assert run(1, 1) == (0, 3 * nb)
+        # a layer the clean pass did not keep: a forward up to it, its 2 ablations and the SAE's 3 conditions
+        assert run(0, 2) == (nb, 5 * nb)
+        assert len(last) == 5 * nb  # the forward up to layer 0 stops there
     finally:
         for h in hooks:
             h.remove()

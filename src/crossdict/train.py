@@ -592,41 +592,52 @@ def _valid_next(batch: Batch) -> torch.Tensor:
 
 @dataclass
 class _CleanRows:
-    """One sequence's clean pass at its `_valid_next` positions: what every edited pass of it is compared with."""
+    """One sequence's clean pass over the span [lo, hi) of its `_valid_next` positions: what every edited pass
+    of it is compared with. A span, not an index list: the edited logits are then read in place, not copied."""
 
-    pos: torch.Tensor
-    """`[n]` the positions."""
+    row: int
+    """The sequence's row in its batch."""
+    lo: int
+    hi: int
+    counted: torch.Tensor
+    """`[hi - lo]` bool: `_valid_next` in the span (all of it unless a special token sits inside)."""
     target: torch.Tensor
-    """`[n]` the next token at each."""
+    """`[hi - lo]` the next token at each position."""
     logp: torch.Tensor
-    """`[n, vocab]` clean next-token log-probabilities."""
+    """`[hi - lo, vocab]` clean next-token log-probabilities."""
     p: torch.Tensor
-    """`[n, vocab]` their exp: the KL's weights."""
+    """`[hi - lo, vocab]` their exp: the KL's weights."""
 
 
 def _clean_rows(logits: torch.Tensor, batch: Batch) -> list[_CleanRows]:
-    """Per sequence of `batch`, its `_CleanRows` from the clean `logits` `[b, seq, vocab]`.
-
-    Only the positions the loss counts are kept, one sequence at a time: a Gemma-3 batch of logits is ~1 GB."""
+    """The `_CleanRows` of each sequence of `batch` with a counted position, from its clean `logits` `[b, seq, vocab]`."""
     valid = _valid_next(batch)
     out = []
     for i in range(valid.shape[0]):
         pos = valid[i].nonzero()[:, 0]
-        logp = F.log_softmax(logits[i, pos.to(logits.device)].float(), -1)
-        out.append(_CleanRows(pos, batch.input_ids[i, pos + 1].to(logits.device), logp, logp.exp()))
+        if len(pos) == 0:
+            continue
+        lo, hi = int(pos[0]), int(pos[-1]) + 1
+        logp = F.log_softmax(logits[i, lo:hi].float(), -1)
+        dev = logp.device
+        out.append(_CleanRows(i, lo, hi, valid[i, lo:hi].to(dev), batch.input_ids[i, lo + 1 : hi + 1].to(dev), logp,
+                              logp.exp()))
     return out
 
 
-def _nll_kl(logits: torch.Tensor, clean: _CleanRows) -> tuple[float, float]:
-    """Summed next-token NLL and KL(clean || edited) at `clean`'s positions of one sequence's `logits` `[seq, vocab]`.
+def _nll_kl(logits: torch.Tensor, clean: _CleanRows, scratch: torch.Tensor) -> tuple[float, float]:
+    """Summed next-token NLL and KL(clean || edited) over `clean`'s positions of the edited `logits` `[b, seq, vocab]`.
 
-    One log-softmax serves both. KL = Σ p0 (log p0 − log p), the difference taken per token as `F.kl_div`
-    does: Σ p0 log p0 − Σ p0 log p would round two entropy-sized float32 sums and lose a nearly clean edit's KL.
+    One log-softmax, written into `scratch` `[>= hi - lo, vocab]` (reused: a fresh Gemma-3 sequence's worth,
+    134 MB, costs more in page faults than the log-softmax), serves both. KL = Σ p0 (log p0 − log p), the
+    difference taken per token and summed by torch's cascade sum, as `F.kl_div` does: Σ p0 log p0 − Σ p0 log p
+    would round two entropy-sized float32 numbers, and a float32 dot (bmm) of the 49k-262k terms of a row is
+    off by ~1e-4 relative on SmolLM2.
     """
-    lp = F.log_softmax(logits[clean.pos.to(logits.device)].float(), -1)
-    nll = -float(lp.gather(1, clean.target[:, None]).sum(dtype=torch.float64))
-    lp = lp.sub_(clean.logp)  # log p - log p0, in place: no second [n, vocab] copy
-    kl = -float(torch.bmm(clean.p[:, None], lp[..., None]).sum(dtype=torch.float64))
+    c = clean
+    lp = torch.log_softmax(logits[c.row, c.lo : c.hi].float(), -1, out=scratch[: c.hi - c.lo])
+    nll = -float(lp.gather(1, c.target[:, None])[:, 0][c.counted].sum(dtype=torch.float64))
+    kl = -float(lp.sub_(c.logp).mul_(c.p).sum(-1)[c.counted].sum(dtype=torch.float64))
     return nll, kl
 
 
@@ -690,6 +701,16 @@ def _splice(fn: Edit, content: torch.Tensor, max_norm: float | None) -> Edit:
     return edit
 
 
+def _keeper(seen: dict[int, torch.Tensor], layer: int) -> Edit:
+    """An edit that changes nothing and keeps a float32 copy of the residual in `seen[layer]` (`hidden_states`'s)."""
+
+    def keep(h: torch.Tensor) -> torch.Tensor:
+        seen[layer] = h.float().clone()  # a copy: later blocks may not, but could, write into their input
+        return h
+
+    return keep
+
+
 @dataclass
 class _LayerClean:
     """What every SAE at one layer is compared with: the clean residual after the block and both ablations."""
@@ -707,8 +728,10 @@ class _LayerClean:
 class LMEval:
     """One model's LM-eval batches and what no SAE changes, each computed once for all the SAEs evaluated on them.
 
-        per model  the clean pass: log-probs at the counted positions, clean NLL (a forward per batch)
-        per layer  the clean residual after the block (a forward up to it), its mean, zero and mean ablation
+        per model  the clean pass: log-probs at the counted positions, clean NLL, the clean residual after
+                   each of `layers` (a forward per batch)
+        per layer  its clean residual (a forward up to the block, unless in `layers`), its mean, zero and
+                   mean ablation
         per SAE    the conditions sae, rand_err and rand_perp_err
 
     Edited forwards start after the edited block from the clean residual (`backend.start_after`) where the
@@ -716,20 +739,29 @@ class LMEval:
     2 x positions x vocab floats (Gemma-3, 8 passages of 128 tokens: ~2 GB); keep one model's at a time.
     """
 
-    def __init__(self, backend: Backend, batches: Iterable[Batch]):
-        self.backend, self.batches = backend, list(batches)
+    def __init__(self, backend: Backend, batches: Iterable[Batch], layers: Iterable[int] = ()):
+        self.backend, self.batches, self.keep = backend, list(batches), sorted(set(layers))
         self._clean: list[list[_CleanRows]] | None = None
+        self._hidden: dict[int, list[torch.Tensor]] = {}  # the clean pass's residual after each block of `keep`
         self._layers: dict[tuple[int, float | None], _LayerClean] = {}
+        self._buf: torch.Tensor | None = None
         self.clean_nll, self.n_tokens = 0.0, 0  # summed clean NLL over the counted positions, their number (`clean`)
 
     @torch.no_grad()
     def clean(self) -> list[list[_CleanRows]]:
         """Per batch, per sequence: the clean rows (computed on the first call)."""
         if self._clean is None:
-            self._clean = [_clean_rows(self.backend.logits(b), b) for b in self.batches]
+            self._clean = []
+            for b in self.batches:
+                seen: dict[int, torch.Tensor] = {}
+                keepers = {la: _keeper(seen, la) for la in self.keep} or None
+                self._clean.append(_clean_rows(self.backend.logits(b, keepers), b))
+                for la in self.keep:
+                    self._hidden.setdefault(la, []).append(seen[la])
             rows = [c for per_batch in self._clean for c in per_batch]
-            self.clean_nll = -sum(float(c.logp.gather(1, c.target[:, None]).sum(dtype=torch.float64)) for c in rows)
-            self.n_tokens = sum(len(c.pos) for c in rows)
+            self.clean_nll = -sum(float(c.logp.gather(1, c.target[:, None])[:, 0][c.counted].sum(dtype=torch.float64))
+                                  for c in rows)
+            self.n_tokens = sum(int(c.counted.sum()) for c in rows)
         return self._clean
 
     def layer(self, layer: int, max_norm: float | None) -> _LayerClean:
@@ -741,9 +773,11 @@ class LMEval:
 
     @torch.no_grad()
     def _layer_clean(self, layer: int, max_norm: float | None) -> _LayerClean:
+        self.clean()
+        kept = self._hidden.get(layer)
         hidden, rows, total, count = [], [], None, 0
-        for b in self.batches:
-            h = self.backend.hidden_states(b, [layer])[layer]
+        for i, b in enumerate(self.batches):
+            h = kept[i] if kept is not None else self.backend.hidden_states(b, [layer])[layer]
             content = b.is_content.to(h.device)
             keep = content & (h.norm(dim=-1) <= max_norm) if max_norm is not None else content
             s = h[content].double().sum(0)  # the mean is over every content position, massive ones included
@@ -753,7 +787,6 @@ class LMEval:
         if count == 0:
             raise ValueError("lm_loss_recovered: the batches hold no content tokens")
         st = _LayerClean(hidden, (total / count).float(), torch.cat(rows))
-        self.clean()
         if self.n_tokens == 0:
             raise ValueError("lm_loss_recovered: no positions with a next content token")
         st.ablations["zero"] = self.edited(layer, st, lambda i: torch.zeros_like, max_norm)
@@ -769,11 +802,19 @@ class LMEval:
             edits = {layer: _splice(fn_for(i), b.is_content, max_norm)}
             with start_after(self.backend, layer, st.hidden[i]):
                 logits = self.backend.logits(b, edits)
-            for row, c in enumerate(clean):
-                dn, dk = _nll_kl(logits[row], c)
+            for c in clean:
+                dn, dk = _nll_kl(logits, c, self._scratch(logits))
                 nll, kl = nll + dn, kl + dk
             del logits  # before the next batch's forward
         return nll, kl
+
+    def _scratch(self, logits: torch.Tensor) -> torch.Tensor:
+        """A `[seq, vocab]` float32 buffer for `_nll_kl`, allocated once (grown if a batch is longer)."""
+        shape = logits.shape[1:]
+        if self._buf is None or self._buf.shape[0] < shape[0] or self._buf.shape[1:] != shape[1:] \
+                or self._buf.device != logits.device:
+            self._buf = torch.empty(shape, device=logits.device)
+        return self._buf
 
 
 @torch.no_grad()
@@ -855,7 +896,7 @@ def _lm_eval(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None
     """Model `key`'s `LMEval` from `lm`, made on first use; another model's is dropped (it holds ~2 GB for Gemma-3)."""
     if key not in lm:
         lm.clear()
-        lm[key] = LMEval(backend, _lm_batches(cfg, key, backend, texts))
+        lm[key] = LMEval(backend, _lm_batches(cfg, key, backend, texts), cfg.model(key).layers)
     return lm[key]
 
 
