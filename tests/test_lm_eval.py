@@ -140,7 +140,10 @@ def _batches(backend) -> list[Batch]:
 def _assert_same(new: dict, old: dict) -> None:
     assert list(new) == list(old)  # same keys, same order (metrics.json)
     for k in old:
-        assert new[k] == pytest.approx(old[k], rel=1e-4, abs=1e-6), k
+        # Float summation order only (rel 2e-7 on SmolLM2 / Gemma-3, benchmarks/bench_lmeval.py); the recovered
+        # fractions divide by an ablation gap that can be small on a random model, which amplifies it.
+        rel = 1e-4 if "recovered" in k else 2e-5
+        assert new[k] == pytest.approx(old[k], rel=rel, abs=1e-7), k
 
 
 class FullForwards:
