@@ -8,8 +8,9 @@ Evaluates every seed's SAE of one (model, layer) exactly as `run_train` does (it
 from git revision `--old-rev` (the last one before `LMEval`), then with the new one on one fresh `LMEval`.
 Process CPU time (one thread, so a loaded machine does not blur it) of each, split for the new one into the
 clean pass (once per model; it keeps the residual after every configured layer, as in `run_train`), the
-layer (zero and mean ablation: once per layer) and each SAE's own conditions; the largest absolute and relative difference of the returned numbers, and of the new
-numbers against the run's `report/sae_metrics.csv` (6 significant digits). The run directory is only read.
+layer (zero and mean ablation: once per layer) and each SAE's own conditions; the largest absolute and
+relative difference of the returned numbers, and of the new numbers against the run's
+`report/sae_metrics.csv` (6 significant digits). The run directory is only read.
 """
 
 from __future__ import annotations

@@ -610,7 +610,7 @@ class _CleanRows:
 
 
 def _clean_rows(logits: torch.Tensor, batch: Batch) -> list[_CleanRows]:
-    """The `_CleanRows` of each sequence of `batch` with a counted position, from its clean `logits` `[b, seq, vocab]`."""
+    """The `_CleanRows` of each sequence of `batch` with a counted position, from the clean `logits` `[b, seq, vocab]`."""
     valid = _valid_next(batch)
     out = []
     for i in range(valid.shape[0]):
@@ -849,7 +849,8 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
             "rand_perp_err": ev.edited(layer, st, lambda i: same_norm_random_error(recon, seed + i, perp_only=True),
                                        max_norm)}
     n_tok = ev.n_tokens
-    loss = {"clean": ev.clean_nll / n_tok if clean_loss is None else clean_loss, **{k: v[0] / n_tok for k, v in runs.items()}}
+    loss = {"clean": ev.clean_nll / n_tok if clean_loss is None else clean_loss,
+            **{k: v[0] / n_tok for k, v in runs.items()}}
     out = {f"loss_{k}": v for k, v in loss.items()}
     out.update({f"kl_{k}": v[1] / n_tok for k, v in runs.items()})
     for abl in ("zero", "mean"):
