@@ -618,6 +618,68 @@ def test_run_train_with_backends_fills_lm_loss_columns(tmp_path):
     assert all(r[c] == "" for r in csv_rows for c in train_mod.SEED_COLUMNS)  # one seed: no seed stability
 
 
+def test_lm_eval_seeds_first_leaves_the_other_seeds_lm_columns_empty_and_a_rerun_computes_nothing(tmp_path):
+    backend = TinyGPT2Backend()
+    rng = np.random.default_rng(1)
+    texts = ["".join(rng.choice(list("abcdefgh ij"), size=30)) for _ in range(60)]
+    batch = backend.tokenize(texts, 32)
+    hs = backend.hidden_states(batch, [0, 1])
+    acts = {layer: hs[layer][batch.is_content].detach().numpy().astype(np.float32) for layer in (0, 1)}
+    write_cache(tmp_path / "runs" / "gpt" / "cache", {"a": {0: acts[0]}, "b": {1: acts[1]}})
+    cfg = RunConfig(ModelConfig("tiny-a", [0], max_ctx=32), ModelConfig("tiny-b", [1], max_ctx=32), run_name="gpt",
+                    output_dir=str(tmp_path / "runs"),
+                    sae=small_cfg(expansion_factor=2, k=8, batch_size=128, train_tokens=128 * 10, seeds=[0, 1],
+                                  lm_eval_passages=4, lm_eval_seeds="first"))
+    forwards = []
+    real_logits = backend.logits
+    backend.logits = lambda b, edits=None: (forwards.append(1), real_logits(b, edits))[1]
+    run = lambda: run_train(cfg, backends={"a": backend, "b": backend}, progress=False, lm_texts=texts[:4])  # noqa: E731
+    rows = run()
+    assert forwards  # seed 0 of each model was evaluated
+    csv_path = cfg.report_dir / "sae_metrics.csv"
+    import csv
+
+    table = list(csv.DictReader(csv_path.open()))
+    assert [r["seed"] for r in table] == ["0", "1", "0", "1"]
+    for r in table:
+        assert all(r[c] != "" for c in ("fvu", "l0", "seed_shared_dec")), r
+        assert all((r[c] != "") == (r["seed"] == "0") for c in train_mod.LM_COLUMNS), r  # LM columns: seed 0 only
+    assert "kl_sae" not in json.loads((cfg.sae_dir("a", 0, 1) / "metrics.json").read_text())
+
+    # A rerun reuses every SAE, evaluates nothing (seed 1 is left out on purpose, not missing) and writes the same CSV.
+    before, weights = csv_path.read_bytes(), cfg.sae_dir("b", 1, 1) / "sae_weights.safetensors"
+    mtime, forwards[:] = weights.stat().st_mtime_ns, []
+    assert run() == rows and not forwards
+    assert csv_path.read_bytes() == before and weights.stat().st_mtime_ns == mtime
+
+    # "all" evaluates seed 1 only (seed 0's numbers are reused): per model a clean pass, 2 ablations, 3 conditions.
+    cfg.sae.lm_eval_seeds = "all"
+    n_batches = len(train_mod._lm_batches(cfg, "a", backend, texts[:4]))
+    rows_all = run()
+    assert len(forwards) == 2 * 6 * n_batches
+    assert all(r["kl_sae"] != "" for r in rows_all) and [r["kl_sae"] for r in rows_all[::2]] == [r["kl_sae"] for r in rows[::2]]
+    # ... and back to "first": seed 1's measured numbers stay in metrics.json but not in the CSV
+    cfg.sae.lm_eval_seeds = "first"
+    forwards[:] = []
+    assert run() == rows and not forwards and csv_path.read_bytes() == before
+
+
+def test_lm_eval_seeds_is_checked_shared_by_all_layers_and_absent_from_the_default_stage_record():
+    from crossdict.config import ConfigError, config_from_dict
+    from crossdict.pipeline import _train_config
+
+    base = {"model_a": {"name": "a", "layers": [1]}, "model_b": {"name": "b", "layers": [2]}}
+    with pytest.raises(ConfigError, match="lm_eval_seeds: 'some' is not allowed"):
+        config_from_dict({**base, "sae": {"lm_eval_seeds": "some"}})
+    with pytest.raises(ConfigError, match="cannot differ between layers"):
+        config_from_dict({**base, "sae": {"per_layer": {"a.1": {"lm_eval_seeds": "first"}}}})
+    cfg = config_from_dict(base)
+    assert cfg.sae.lm_eval_seeds == "all" and "lm_eval_seeds" not in _train_config(cfg)["sae"]  # old records stay current
+    first = config_from_dict({**base, "sae": {"lm_eval_seeds": "first"}})
+    assert _train_config(first)["sae"]["lm_eval_seeds"] == "first"  # changing it reruns the train stage
+    assert train_mod._config_dict(first.sae) == train_mod._config_dict(cfg.sae)  # the SAEs' fingerprint: no retraining
+
+
 def test_lr_schedule_warmup_then_linear_decay():
     cfg = small_cfg(lr=1.0, lr_warmup_steps=10, lr_decay_fraction=0.2)
     lrs = [train_mod.lr_at(s, 100, cfg) for s in range(100)]

@@ -11,8 +11,9 @@ Later stages (SAE evaluation, interventions) talk only to this interface:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch
 
@@ -52,6 +53,14 @@ class Backend(Protocol):
     def logits(self, batch: Batch, edits: dict[int, Edit] | None = None) -> torch.Tensor:
         """`[batch, seq, vocab]` logits, with `edits[layer]` applied after block `layer`."""
         ...
+
+
+def start_after(backend: Backend, layer: int, hidden: torch.Tensor) -> ContextManager[None]:
+    """Context in which a forward of `backend` starts after block `layer` from `hidden` `[batch, seq, d_model]`,
+    the clean residual there (`HFBackend.start_after`), where the backend can; elsewhere (TransformerLens) a
+    no-op, and the forward re-runs blocks 0..`layer`. An edit at `layer` gives the same logits either way."""
+    method = getattr(backend, "start_after", None)
+    return method(layer, hidden) if method is not None else contextlib.nullcontext()
 
 
 def check_layer_range(layers, n_layers: int, name: str) -> None:

@@ -168,7 +168,8 @@ class HFBackend:
         skipped = list(self.blocks[: layer + 1])
         for blk in skipped[:-1]:
             blk.forward = lambda hidden_states, *args, **kwargs: hidden_states
-        skipped[-1].forward = lambda *args, **kwargs: hidden.to(self.device)
+        # In the model's dtype: `hidden_states` hands out float32, a bf16/fp16 model's next block wants its own.
+        skipped[-1].forward = lambda hidden_states, *args, **kwargs: hidden.to(hidden_states.device, hidden_states.dtype)
         try:
             yield
         finally:

@@ -92,6 +92,10 @@ class SAEConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     lm_eval_passages: int = 32
     """Held-out passages on which the LM loss with the SAE spliced in is measured (evaluation only)."""
+    lm_eval_seeds: Literal["first", "all"] = "all"
+    """Seeds whose SAEs get that LM eval: all, or only the first of `seeds` (the one later stages use); the
+    others keep empty LM columns in sae_metrics.csv (FVU, L0 and seed stability are measured for every seed).
+    The LM eval is most of the train stage's time on large-vocabulary models (evaluation only)."""
     max_norm_ratio: float = 10.0
     """Tokens with residual norm above this multiple of the median (massive activations, attention sinks)
     are left out of SAE training and evaluation; 0 keeps every token."""
@@ -99,7 +103,7 @@ class SAEConfig:
     """Decoder rows start as random unit vectors, or as sampled (centred, scaled) training activations."""
     per_layer: dict[str, dict[str, Union[int, float, str]]] = field(default_factory=dict)
     """Overrides for one model's layer, keyed `a.<layer>` / `b.<layer>`, e.g. `{"b.13": {"l1_coefficient": 1.0}}`;
-    any key above except seeds, lm_eval_passages and max_norm_ratio (the row mask all stages share)."""
+    any key above except seeds, lm_eval_passages, lm_eval_seeds and max_norm_ratio (the row mask all stages share)."""
 
     def for_layer(self, key: str, layer: int) -> "SAEConfig":
         """The config that trains model `key`'s SAEs at `layer`: this one with its `per_layer` overrides applied."""
@@ -435,7 +439,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-PER_LAYER_FIXED = ("seeds", "lm_eval_passages", "max_norm_ratio", "per_layer")
+PER_LAYER_FIXED = ("seeds", "lm_eval_passages", "lm_eval_seeds", "max_norm_ratio", "per_layer")
 """SAE keys `sae.per_layer` cannot override: they are shared by every layer (seed pairs, LM eval, the row mask)."""
 
 

@@ -119,6 +119,8 @@ def _run_train(ctx: Context) -> None:
 
 def _train_config(c: RunConfig) -> dict:
     out = {"sae": asdict(c.sae), "layers": [c.model_a.layers, c.model_b.layers]}
+    if c.sae.lm_eval_seeds == "all":  # the default: records written before the key existed stay current
+        del out["sae"]["lm_eval_seeds"]
     from .pretrained import pretrained_layers, source_digest
 
     pre = pretrained_layers(c)

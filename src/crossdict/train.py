@@ -31,8 +31,9 @@ import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .backend import Backend, Batch
+from .backend import Backend, Batch, Edit, start_after
 from .cache import ActivationCache, hook_name, manifest_identity, massive_threshold
 from .config import RunConfig, SAEConfig
 from .distributed import SINGLE, BatchReduce, Dist, DistributedConfigError, check_same_config, local, split_work
@@ -114,6 +115,7 @@ def _config_dict(cfg: SAEConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("seeds", None)
     d.pop("lm_eval_passages", None)  # evaluation only
+    d.pop("lm_eval_seeds", None)
     d.pop("per_layer", None)  # resolved by `SAEConfig.for_layer` before it gets here
     return d
 
@@ -588,28 +590,55 @@ def _valid_next(batch: Batch) -> torch.Tensor:
     return torch.cat([valid, torch.zeros_like(valid[:, :1])], 1)
 
 
-def _next_token_nll(logits: torch.Tensor, batch: Batch) -> tuple[float, int]:
-    """Summed NLL of the next token over positions that are content and have a real next token."""
+@dataclass
+class _CleanRows:
+    """One sequence's clean pass over the span [lo, hi) of its `_valid_next` positions: what every edited pass
+    of it is compared with. A span, not an index list: the edited logits are then read in place, not copied."""
+
+    row: int
+    """The sequence's row in its batch."""
+    lo: int
+    hi: int
+    counted: torch.Tensor
+    """`[hi - lo]` bool: `_valid_next` in the span (all of it unless a special token sits inside)."""
+    target: torch.Tensor
+    """`[hi - lo]` the next token at each position."""
+    logp: torch.Tensor
+    """`[hi - lo, vocab]` clean next-token log-probabilities."""
+    p: torch.Tensor
+    """`[hi - lo, vocab]` their exp: the KL's weights."""
+
+
+def _clean_rows(logits: torch.Tensor, batch: Batch) -> list[_CleanRows]:
+    """The `_CleanRows` of each sequence of `batch` with a counted position, from the clean `logits` `[b, seq, vocab]`."""
     valid = _valid_next(batch)
-    target = torch.cat([batch.input_ids[:, 1:], batch.input_ids[:, :1]], 1).masked_fill(~valid, -100).to(logits.device)
-    # Fused and on a view: a Gemma-3 batch of logits is ~2 GB, one more copy is not free.
-    nll = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), target.view(-1), ignore_index=-100, reduction="sum")
-    return float(nll), int(valid.sum())
+    out = []
+    for i in range(valid.shape[0]):
+        pos = valid[i].nonzero()[:, 0]
+        if len(pos) == 0:
+            continue
+        lo, hi = int(pos[0]), int(pos[-1]) + 1
+        logp = F.log_softmax(logits[i, lo:hi].float(), -1)
+        dev = logp.device
+        out.append(_CleanRows(i, lo, hi, valid[i, lo:hi].to(dev), batch.input_ids[i, lo + 1 : hi + 1].to(dev), logp,
+                              logp.exp()))
+    return out
 
 
-def _next_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor, batch: Batch) -> float:
-    """Summed KL(clean || edited) of the next-token distribution over the `_next_token_nll` positions.
+def _nll_kl(logits: torch.Tensor, clean: _CleanRows, scratch: torch.Tensor) -> tuple[float, float]:
+    """Summed next-token NLL and KL(clean || edited) over `clean`'s positions of the edited `logits` `[b, seq, vocab]`.
 
-    One sequence at a time: two float copies of a Gemma-3 batch's logits would not fit beside it.
+    One log-softmax, written into `scratch` `[>= hi - lo, vocab]` (reused: a fresh Gemma-3 sequence's worth,
+    134 MB, costs more in page faults than the log-softmax), serves both. KL = Σ p0 (log p0 − log p), the
+    difference taken per token and summed by torch's cascade sum, as `F.kl_div` does: Σ p0 log p0 − Σ p0 log p
+    would round two entropy-sized float32 numbers, and a float32 dot (bmm) of the 49k-262k terms of a row is
+    off by ~1e-4 relative on SmolLM2.
     """
-    valid = _valid_next(batch).to(logits.device)
-    total = 0.0
-    for i in range(logits.shape[0]):
-        if valid[i].any():
-            lp0 = F.log_softmax(clean_logits[i][valid[i]].float(), -1)
-            lp = F.log_softmax(logits[i][valid[i]].float(), -1)
-            total += float(F.kl_div(lp, lp0, log_target=True, reduction="sum"))
-    return total
+    c = clean
+    lp = torch.log_softmax(logits[c.row, c.lo : c.hi].float(), -1, out=scratch[: c.hi - c.lo])
+    nll = -float(lp.gather(1, c.target[:, None])[:, 0][c.counted].sum(dtype=torch.float64))
+    kl = -float(lp.sub_(c.logp).mul_(c.p).sum(-1)[c.counted].sum(dtype=torch.float64))
+    return nll, kl
 
 
 N_TOP_PCS = 8
@@ -657,8 +686,139 @@ def same_norm_random_error(recon: Any, seed: int, perp_only: bool = False) -> An
     return f
 
 
+def _splice(fn: Edit, content: torch.Tensor, max_norm: float | None) -> Edit:
+    """`fn` applied where `content` `[b, seq]` holds and the clean residual's norm is at most `max_norm`.
+
+    BOS and padding keep their clean residual (the SAE never saw them in training), and so do massive
+    activations (above `max_norm`, left out of training)."""
+
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        m = content.to(h.device)
+        if max_norm is not None:
+            m = m & (h.norm(dim=-1) <= max_norm)
+        return torch.where(m[..., None], fn(h).to(h.dtype), h)
+
+    return edit
+
+
+def _keeper(seen: dict[int, torch.Tensor], layer: int) -> Edit:
+    """An edit that changes nothing and keeps a float32 copy of the residual in `seen[layer]` (`hidden_states`'s)."""
+
+    def keep(h: torch.Tensor) -> torch.Tensor:
+        seen[layer] = h.float().clone()  # a copy: later blocks may not, but could, write into their input
+        return h
+
+    return keep
+
+
+@dataclass
+class _LayerClean:
+    """What every SAE at one layer is compared with: the clean residual after the block and both ablations."""
+
+    hidden: list[torch.Tensor]
+    """Per batch, `[b, seq, d]` the clean residual after the block; the edited forwards start from it."""
+    mean: torch.Tensor
+    """`[d]` its mean over content positions: the mean ablation."""
+    rows: torch.Tensor
+    """`[n, d]` its content rows under `max_norm`, for `error_geometry`."""
+    ablations: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """`{"zero" | "mean": (summed NLL, summed KL)}`."""
+
+
+class LMEval:
+    """One model's LM-eval batches and what no SAE changes, each computed once for all the SAEs evaluated on them.
+
+        per model  the clean pass: log-probs at the counted positions, clean NLL, the clean residual after
+                   each of `layers` (a forward per batch)
+        per layer  its clean residual (a forward up to the block, unless in `layers`), its mean, zero and
+                   mean ablation
+        per SAE    the conditions sae, rand_err and rand_perp_err
+
+    Edited forwards start after the edited block from the clean residual (`backend.start_after`) where the
+    backend can: the blocks before an edit are the clean pass's. Memory: the clean log-probs and their exp,
+    2 x positions x vocab floats (Gemma-3, 8 passages of 128 tokens: ~2 GB); keep one model's at a time.
+    """
+
+    def __init__(self, backend: Backend, batches: Iterable[Batch], layers: Iterable[int] = ()):
+        self.backend, self.batches, self.keep = backend, list(batches), sorted(set(layers))
+        self._clean: list[list[_CleanRows]] | None = None
+        self._hidden: dict[int, list[torch.Tensor]] = {}  # the clean pass's residual after each block of `keep`
+        self._layers: dict[tuple[int, float | None], _LayerClean] = {}
+        self._buf: torch.Tensor | None = None
+        self.clean_nll, self.n_tokens = 0.0, 0  # summed clean NLL over the counted positions, their number (`clean`)
+
+    @torch.no_grad()
+    def clean(self) -> list[list[_CleanRows]]:
+        """Per batch, per sequence: the clean rows (computed on the first call)."""
+        if self._clean is None:
+            self._clean = []
+            for b in self.batches:
+                seen: dict[int, torch.Tensor] = {}
+                keepers = {la: _keeper(seen, la) for la in self.keep} or None
+                self._clean.append(_clean_rows(self.backend.logits(b, keepers), b))
+                for la in self.keep:
+                    self._hidden.setdefault(la, []).append(seen[la])
+            rows = [c for per_batch in self._clean for c in per_batch]
+            self.clean_nll = -sum(float(c.logp.gather(1, c.target[:, None])[:, 0][c.counted].sum(dtype=torch.float64))
+                                  for c in rows)
+            self.n_tokens = sum(int(c.counted.sum()) for c in rows)
+        return self._clean
+
+    def layer(self, layer: int, max_norm: float | None) -> _LayerClean:
+        """The `_LayerClean` of block `layer` (computed on the first call for this layer and `max_norm`)."""
+        key = (layer, max_norm)
+        if key not in self._layers:
+            self._layers[key] = self._layer_clean(layer, max_norm)
+        return self._layers[key]
+
+    @torch.no_grad()
+    def _layer_clean(self, layer: int, max_norm: float | None) -> _LayerClean:
+        self.clean()
+        kept = self._hidden.get(layer)
+        hidden, rows, total, count = [], [], None, 0
+        for i, b in enumerate(self.batches):
+            h = kept[i] if kept is not None else self.backend.hidden_states(b, [layer])[layer]
+            content = b.is_content.to(h.device)
+            keep = content & (h.norm(dim=-1) <= max_norm) if max_norm is not None else content
+            s = h[content].double().sum(0)  # the mean is over every content position, massive ones included
+            total, count = (s if total is None else total + s), count + int(content.sum())
+            hidden.append(h)
+            rows.append(h[keep].float())
+        if count == 0:
+            raise ValueError("lm_loss_recovered: the batches hold no content tokens")
+        st = _LayerClean(hidden, (total / count).float(), torch.cat(rows))
+        if self.n_tokens == 0:
+            raise ValueError("lm_loss_recovered: no positions with a next content token")
+        st.ablations["zero"] = self.edited(layer, st, lambda i: torch.zeros_like, max_norm)
+        st.ablations["mean"] = self.edited(layer, st, lambda i: lambda h: st.mean.to(h.device).expand_as(h), max_norm)
+        return st
+
+    @torch.no_grad()
+    def edited(self, layer: int, st: _LayerClean, fn_for: Callable[[int], Edit], max_norm: float | None,
+               ) -> tuple[float, float]:
+        """Summed (NLL, KL(clean || edited)) with `fn_for(batch index)` spliced in after block `layer` (`_splice`)."""
+        nll = kl = 0.0
+        for i, (b, clean) in enumerate(zip(self.batches, self.clean())):
+            edits = {layer: _splice(fn_for(i), b.is_content, max_norm)}
+            with start_after(self.backend, layer, st.hidden[i]):
+                logits = self.backend.logits(b, edits)
+            for c in clean:
+                dn, dk = _nll_kl(logits, c, self._scratch(logits))
+                nll, kl = nll + dn, kl + dk
+            del logits  # before the next batch's forward
+        return nll, kl
+
+    def _scratch(self, logits: torch.Tensor) -> torch.Tensor:
+        """A `[seq, vocab]` float32 buffer for `_nll_kl`, allocated once (grown if a batch is longer)."""
+        shape = logits.shape[1:]
+        if self._buf is None or self._buf.shape[0] < shape[0] or self._buf.shape[1:] != shape[1:] \
+                or self._buf.device != logits.device:
+            self._buf = torch.empty(shape, device=logits.device)
+        return self._buf
+
+
 @torch.no_grad()
-def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch],
+def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[Batch] | LMEval,
                       clean_loss: float | None = None, max_norm: float | None = None, seed: int = 0) -> dict[str, float]:
     """Next-token loss and KL with the SAE reconstruction spliced in after block `layer`, vs clean and ablations.
 
@@ -666,77 +826,39 @@ def lm_loss_recovered(backend: Backend, sae: Any, layer: int, batches: Iterable[
     saw them in training). frac_recovered_X = (L_X - L_sae) / (L_X - L_clean) for X in {zero, mean};
     kl_X is the mean KL(clean || spliced) of the next-token distribution and kl_recovered_X =
     1 - kl_sae / kl_X (SAEBench). `sae` needs only `.encode(x)` and `.decode(codes)` on raw `[..., d_model]`
-    tensors. `clean_loss`, if given, is the clean loss on these same batches (it does not depend on the
-    layer: pass it on; the clean logits are still computed, the KL needs them). Positions whose clean
-    residual norm exceeds `max_norm` (massive activations the SAE was not trained on, see
-    `massive_activation_threshold`) keep their clean residual in every condition.
+    tensors. `batches` may be an `LMEval` of `backend`: its clean pass and the layer's ablations are then
+    computed once for every SAE evaluated with it (`run_train` keeps one per model). `clean_loss`, if given,
+    replaces the clean loss (it does not depend on the layer). Positions whose clean residual norm exceeds
+    `max_norm` (massive activations the SAE was not trained on, see `massive_activation_threshold`) keep
+    their clean residual in every condition.
 
     Same-norm random-error baselines (Gurnee 2024): rand_err replaces h by h + a random vector of the
     SAE error's per-token norm; rand_perp_err by h + a random vector orthogonal to h with the norm of the
     error's part orthogonal to h. `error_geometry` says where the SAE's error lives (err_* columns).
     """
-    batches = list(batches)
+    ev = batches if isinstance(batches, LMEval) else LMEval(backend, batches)
+    if ev.backend is not backend:
+        raise ValueError("lm_loss_recovered: the LMEval was made for another backend")
     if hasattr(sae, "eval"):
         sae.eval()
-    # Mean ablation uses the mean residual over content positions of these same batches.
-    total, count, rows = None, 0, []
-    for b in batches:
-        h = backend.hidden_states(b, [layer])[layer]
-        m = b.is_content.to(h.device)
-        if max_norm is not None:
-            m = m & (h.norm(dim=-1) <= max_norm)
-        s = h[b.is_content.to(h.device)].double().sum(0)
-        total = s if total is None else total + s
-        count += int(b.is_content.sum())
-        rows.append(h[m].float())
-    if count == 0:
-        raise ValueError("lm_loss_recovered: the batches hold no content tokens")
-    mean = (total / count).float()
+    st = ev.layer(layer, max_norm)
     recon = lambda h: sae.decode(sae.encode(h.float()))  # noqa: E731
-
-    def masked(fn, mask):
-        def edit(h):
-            m = mask.to(h.device)
-            if max_norm is not None:
-                m = m & (h.norm(dim=-1) <= max_norm)
-            return torch.where(m[..., None], fn(h).to(h.dtype), h)
-
-        return edit
-
-    kinds = {
-        "sae": recon,
-        "zero": lambda h: torch.zeros_like(h),
-        "mean": lambda h: mean.to(h.device).expand_as(h),
-    }
-    sums = {k: 0.0 for k in ("clean", *kinds, "rand_err", "rand_perp_err")}
-    kls = {k: 0.0 for k in sums if k != "clean"}
-    n_tok = 0
-    for i, b in enumerate(batches):
-        clean = backend.logits(b)
-        nll, n = _next_token_nll(clean, b)
-        sums["clean"] += nll
-        # one random draw per batch, shared by both random baselines (their difference is the radial part)
-        these = {**kinds, "rand_err": same_norm_random_error(recon, seed + i),
-                 "rand_perp_err": same_norm_random_error(recon, seed + i, perp_only=True)}
-        for kind, fn in these.items():
-            logits = backend.logits(b, edits={layer: masked(fn, b.is_content)})
-            sums[kind] += _next_token_nll(logits, b)[0]
-            kls[kind] += _next_token_kl(clean, logits, b)
-            del logits
-        n_tok += n
-    if n_tok == 0:
-        raise ValueError("lm_loss_recovered: no positions with a next content token")
-    loss = {k: v / n_tok for k, v in sums.items()}
-    if clean_loss is not None:
-        loss["clean"] = clean_loss
+    # One random draw per batch, shared by both random baselines (their difference is the radial part).
+    runs = {"sae": ev.edited(layer, st, lambda i: recon, max_norm), **st.ablations,
+            "rand_err": ev.edited(layer, st, lambda i: same_norm_random_error(recon, seed + i), max_norm),
+            "rand_perp_err": ev.edited(layer, st, lambda i: same_norm_random_error(recon, seed + i, perp_only=True),
+                                       max_norm)}
+    n_tok = ev.n_tokens
+    loss = {"clean": ev.clean_nll / n_tok if clean_loss is None else clean_loss,
+            **{k: v[0] / n_tok for k, v in runs.items()}}
     out = {f"loss_{k}": v for k, v in loss.items()}
-    out.update({f"kl_{k}": v / n_tok for k, v in kls.items()})
+    out.update({f"kl_{k}": v[1] / n_tok for k, v in runs.items()})
     for abl in ("zero", "mean"):
         gap = loss[abl] - loss["clean"]
         out[f"frac_recovered_{abl}"] = (loss[abl] - loss["sae"]) / gap if abs(gap) > 1e-12 else float("nan")
         kl_abl = out[f"kl_{abl}"]
         out[f"kl_recovered_{abl}"] = 1.0 - out["kl_sae"] / kl_abl if kl_abl > 1e-12 else float("nan")
-    h = torch.cat(rows)
+    h = st.rows
     out.update(error_geometry(h, recon(h).float()) if len(h) > 1 else {})
     out["n_tokens"] = n_tok
     return out
@@ -752,6 +874,8 @@ CSV_COLUMNS = ["model", "layer", "hook_name", "seed", "architecture", "d_sae", "
                "train_tokens", "wall_s"]
 """kl_* (KL of the next-token distribution, clean vs spliced), *_rand_err (same-norm random error, Gurnee 2024)
 and err_* (where the SAE's error lives) are described in `lm_loss_recovered` and `error_geometry`."""
+LM_COLUMNS = [c for c in CSV_COLUMNS if c.startswith(("loss_", "kl_", "frac_recovered_", "err_", "random_"))]
+"""The columns `lm_loss_recovered` fills: empty for seeds `sae.lm_eval_seeds` leaves out."""
 SEED_COLUMNS = ["seed_ref", "seed_shared_dec", "seed_median_cos_dec", "seed_q10_cos_dec", "seed_q90_cos_dec",
                 "seed_shared_enc", "seed_median_cos_enc", "seed_n_live"]
 """Seed stability against seed `seed_ref` (`stability.summary_columns`); empty with one seed."""
@@ -767,6 +891,14 @@ def _lm_batches(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | N
     texts = texts[: cfg.sae.lm_eval_passages]
     bs = cfg.extract.batch_size
     return [backend.tokenize(texts[i : i + bs], cfg.model(key).max_ctx) for i in range(0, len(texts), bs)]
+
+
+def _lm_eval(cfg: RunConfig, key: str, backend: Backend, texts: list[str] | None, lm: dict[str, LMEval]) -> LMEval:
+    """Model `key`'s `LMEval` from `lm`, made on first use; another model's is dropped (it holds ~2 GB for Gemma-3)."""
+    if key not in lm:
+        lm.clear()
+        lm[key] = LMEval(backend, _lm_batches(cfg, key, backend, texts), cfg.model(key).layers)
+    return lm[key]
 
 
 def _fingerprint(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seed: int, data_seed: int,
@@ -790,7 +922,9 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
     columns and `report/sae_stability.json`. SAEs whose directory is complete and whose saved fingerprint
     (SAE config, seed, data seed, model, layer, cache manifest) matches are reused, not retrained. Without
     `backends` the LM-loss columns stay empty; with them, the LM loss is measured on `lm_texts` (default:
-    the first `sae.lm_eval_passages` held-out corpus passages, via `crossdict.corpus`).
+    the first `sae.lm_eval_passages` held-out corpus passages, via `crossdict.corpus`) for every seed, or
+    for the first only (`sae.lm_eval_seeds: first`; the others' LM columns stay empty). One `LMEval` per
+    model serves all its SAEs: one clean pass per model, the ablations once per layer.
 
     `dist` (from `distributed.init_dist`): every SAE is trained data-parallel over all ranks, or,
     with `distribute_modules`, the seeds of (model, layer) j are trained whole by rank j % world_size.
@@ -815,7 +949,7 @@ def run_train(cfg: RunConfig, seeds: list[int] | None = None, resume: bool = Fal
         print(f"[crossdict] train: {len(groups) * len(seeds)} SAEs, {how} {dist.world_size} ranks")
     results: dict[int, list[dict]] = {}
     stab: dict[int, list[dict]] = {}
-    lm = {"batches": {}, "clean": {}}  # per model: the same batches give the same clean loss at every layer
+    lm: dict[str, LMEval] = {}  # the model being evaluated: its clean pass serves every layer and seed
     for j in mine:
         key, layer = groups[j]
         data = _layer_rows(cfg, cache, key, layer)  # one layer's row lists in memory at a time
@@ -852,8 +986,8 @@ def _layer_rows(cfg: RunConfig, cache: ActivationCache, key: str, layer: int) ->
 
 
 def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, seeds: list[int], data: tuple,
-                 resume: bool | str, backends: dict | None, progress: bool, lm_texts: list[str] | None, lm: dict,
-                 dist: Dist) -> tuple[list[dict], list[dict]]:
+                 resume: bool | str, backends: dict | None, progress: bool, lm_texts: list[str] | None,
+                 lm: dict[str, LMEval], dist: Dist) -> tuple[list[dict], list[dict]]:
     """Train (or reuse) the seeds of one (model, layer) in one data pass, evaluate them, measure seed stability.
 
     Returns the CSV rows and the stability records (seed j >= 1 against seeds[0]). Rank 0 evaluates and writes.
@@ -891,15 +1025,14 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
         metrics = dist.broadcast_object(metrics)
     rows = []
     for i, seed in enumerate(seeds):
-        if backends is not None and (metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages
-                                     or "kl_sae" not in metrics[i]):  # measured before the KL columns
+        lm_evaluated = cfg.sae.lm_eval_seeds == "all" or i == 0
+        if backends is not None and lm_evaluated and (metrics[i].get("lm_eval_passages") != cfg.sae.lm_eval_passages
+                                                      or "kl_sae" not in metrics[i]):  # measured before the KL columns
             if dist.is_main:
                 sae = load_sae(dirs[i], device=getattr(backends[key], "device", "cpu"))
-                if key not in lm["batches"]:
-                    lm["batches"][key] = _lm_batches(cfg, key, backends[key], lm_texts)
-                metrics[i].update(lm_loss_recovered(backends[key], sae, layer, lm["batches"][key], lm["clean"].get(key), max_norm))
+                ev = _lm_eval(cfg, key, backends[key], lm_texts, lm)
+                metrics[i].update(lm_loss_recovered(backends[key], sae, layer, ev, max_norm=max_norm))
                 metrics[i]["lm_eval_passages"] = cfg.sae.lm_eval_passages
-                lm["clean"][key] = metrics[i]["loss_clean"]
                 atomic_write_json(dirs[i] / METRICS_FILE, metrics[i])
             metrics[i] = dist.broadcast_object(metrics[i])
         row = {"model": cfg.model(key).name, "layer": layer, "hook_name": hook_name(layer), "seed": seed,
@@ -907,7 +1040,9 @@ def _train_group(cfg: RunConfig, cache: ActivationCache, key: str, layer: int, s
                "train_tokens": (scfg.train_tokens // scfg.batch_size) * scfg.batch_size,
                "wall_s": round(metrics[i].get("train_wall_s", time.perf_counter() - t0), 2)}
         row["masked_rows"] = int(cache.mask_info(key, layer, cfg.sae.max_norm_ratio)["dropped"])  # of all cached rows
-        row.update({c: metrics[i].get(c, "") for c in CSV_COLUMNS if c not in row})
+        # A seed left out of the LM eval has empty LM columns, whatever an earlier run measured.
+        row.update({c: metrics[i].get(c, "") if lm_evaluated or c not in LM_COLUMNS else ""
+                    for c in CSV_COLUMNS if c not in row})
         rows.append(row)
     stab = _group_stability(cfg, key, layer, seeds, dirs, acts, layer_held, rows) if len(seeds) > 1 and dist.is_main else []
     return rows, stab
