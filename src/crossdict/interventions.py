@@ -898,10 +898,26 @@ def _load_side_files(cfg: RunConfig, key: str, layer: int) -> Any:
 
 
 def _load_maps(cfg: RunConfig, la: int, lb: int) -> dict[str, LinearMap]:
+    """The saved maps transfer uses at (la, lb): Procrustes, `transfer.direction_map` and the stitched ones."""
     d = map_dir(cfg.run_dir, la, lb)
     if not (d / "procrustes.safetensors").is_file():
         raise TransferError(f"no alignment for layers (a={la}, b={lb}) at {d}; run crossdict align for this layer pair")
-    return {m: LinearMap.load(d, m) for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()}
+    saved = [m for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()]
+    tcfg = cfg.transfer
+    want = {"procrustes", tcfg.direction_map, *(saved if tcfg.maps is None else tcfg.maps)}  # procrustes: error hints
+    missing = [m for m in STITCH_MAPS if m in want and m not in saved]
+    if missing:
+        z = (" The _z maps are fitted and saved only with align.standardized_space: true."
+             if any(m.endswith("_z") for m in missing) else "")
+        raise TransferError(f"layers (a={la}, b={lb}): transfer.direction_map {tcfg.direction_map!r} and transfer.maps "
+                            f"{tcfg.maps} need the map(s) {missing}, but the align stage saved only {saved} at {d}.{z} "
+                            f"Choose among {saved}, or rerun crossdict align")
+    return {m: LinearMap.load(d, m) for m in saved if m in want}
+
+
+def _stitched_maps(cfg: RunConfig, maps: dict[str, LinearMap]) -> dict[str, LinearMap]:
+    """The maps stitching and sae_transfer run (`transfer.maps`, else every saved one), in `STITCH_MAPS` order."""
+    return {m: mp for m, mp in maps.items() if cfg.transfer.maps is None or m in cfg.transfer.maps}
 
 
 def _check_alpha(alphas: list[float]) -> list[float]:
@@ -1053,11 +1069,11 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         ratio = cfg.sae.max_norm_ratio  # the cache's row mask thresholds, the ones every other stage used
         pairing = pair_batches(a, b, cache.mask_info("a", la, ratio)["max_norm"], cache.mask_info("b", lb, ratio)["max_norm"])
         mean_b = cache.acts("b", lb).take(np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))).mean(0)
-        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen, seed=cfg.seed)
+        stitching += stitching_rows(a, b, _stitched_maps(cfg, maps), pairing, mean_b, gen, seed=cfg.seed)
         ho = cache.rows("b", "heldout")
         y_ho = torch.from_numpy(np.asarray(cache.acts("b", lb).take(np.sort(rng.choice(ho, min(len(ho), 4096), replace=False))),
                                            np.float32))
-        sae_transfer += sae_transfer_rows(la, lb, b.backend, b.clean, lb, sae_a, sae_b, maps, y_ho,
+        sae_transfer += sae_transfer_rows(la, lb, b.backend, b.clean, lb, sae_a, sae_b, _stitched_maps(cfg, maps), y_ho,
                                           sae_b.spec.metadata.get("max_norm"), cfg.seed)
         patching += feature_patch_rows(todo[: tcfg.n_patch_features], a, b, pairing, s_a, s_b, alive_b,
                                        tcfg.n_patch_controls, rng)
