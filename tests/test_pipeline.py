@@ -356,6 +356,13 @@ def test_transfer_without_z_maps_stitches_and_splices_the_saved_maps_only(finish
     out = run_transfer(chosen, progress=False)
     assert {r["map"] for r in out["stitching"]} == {r["map"] for r in out["sae_transfer"]} == {"none", "procrustes"}
 
+    from crossdict.interventions import _load_maps
+
+    la, lb = cfg.layer_pairs[0]
+    off = dataclasses.replace(run, align=dataclasses.replace(run.align, standardized_space=False))
+    assert set(_load_maps(run, la, lb)) == {"procrustes", "ridge", "procrustes_z", "ridge_z"}
+    assert set(_load_maps(off, la, lb)) == {"procrustes", "ridge"}  # _z files on disk, but not this config's: stale
+
     for f in (run.run_dir / "alignment").glob("*/*_z.*"):  # what align writes with standardized_space: false
         f.unlink()
     out = run_transfer(run, progress=False)

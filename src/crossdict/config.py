@@ -193,7 +193,7 @@ class TransferConfig:
     """Fitted map whose linear part carries A's decoder direction into B (`b_mapped`)."""
     maps: Optional[list[Literal["procrustes", "ridge", "procrustes_z", "ridge_z"]]] = None
     """Fitted maps stitched into B (stitching.csv) and carrying A's SAE into B (sae_transfer.csv); None: every one
-    the align stage saved. The `_z` maps (fitted on z-scored dimensions, basis-dependent; saved only with
+    the align stage saved. The `_z` maps (fitted on z-scored dimensions, basis-dependent; fitted and used only with
     align.standardized_space) cost 4 full-vocabulary forwards in B per layer pair: [procrustes, ridge] skips them.
     A listed map the align stage did not save is an error, as is a `direction_map` it did not save."""
     n_patch_features: int = 16

@@ -333,7 +333,7 @@ def _add_copy(s: _Sums, clean: CleanRun, i: int, rows: torch.Tensor, logits: tor
     s.per.append(ref.passage_sums(nll))
     s.n += int(logp0.shape[0])
     if dlogp and not torch.is_tensor(s.dlogp):
-        s.dlogp = torch.zeros(logp0.shape[-1], dtype=torch.float64)
+        s.dlogp = torch.zeros(logp0.shape[-1], dtype=torch.float64, device=logp0.device)
     if not len(rows) or not (kl or dlogp or sub is not None):
         return
     p0 = _clean_probs(clean, i) if kl else None
@@ -902,12 +902,14 @@ def _load_maps(cfg: RunConfig, la: int, lb: int) -> dict[str, LinearMap]:
     d = map_dir(cfg.run_dir, la, lb)
     if not (d / "procrustes.safetensors").is_file():
         raise TransferError(f"no alignment for layers (a={la}, b={lb}) at {d}; run crossdict align for this layer pair")
-    saved = [m for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()]
+    # A _z map on disk with align.standardized_space off is stale (an earlier align run's): this config fits none.
+    saved = [m for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()
+             and (cfg.align.standardized_space or not m.endswith("_z"))]
     tcfg = cfg.transfer
     want = {"procrustes", tcfg.direction_map, *(saved if tcfg.maps is None else tcfg.maps)}  # procrustes: error hints
     missing = [m for m in STITCH_MAPS if m in want and m not in saved]
     if missing:
-        z = (" The _z maps are fitted and saved only with align.standardized_space: true."
+        z = (" The _z maps are fitted (and used) only with align.standardized_space: true."
              if any(m.endswith("_z") for m in missing) else "")
         raise TransferError(f"layers (a={la}, b={lb}): transfer.direction_map {tcfg.direction_map!r} and transfer.maps "
                             f"{tcfg.maps} need the map(s) {missing}, but the align stage saved only {saved} at {d}.{z} "
