@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -385,7 +386,7 @@ def test_patching_the_rotated_copy_with_its_own_feature_changes_nothing_and_a_si
     alive = np.nonzero(fires.numpy() > 0)[0]
     n_fwd = []
     real = twin.logits
-    twin.logits = lambda bb, edits=None: (n_fwd.append(1), real(bb, edits))[1]
+    twin.logits = lambda bb, edits=None: (n_fwd.append(len(bb.texts) // len(TEXTS)), real(bb, edits))[1]  # copies
     try:
         rows = feature_patch_rows([MatchedPair(1, 1, feat, feat, 0.9, 0.001), MatchedPair(1, 1, silent, silent, 0.9, 0.001)],
                                   a, b, pairing, s, s, alive, 5, np.random.default_rng(0))
@@ -395,7 +396,8 @@ def test_patching_the_rotated_copy_with_its_own_feature_changes_nothing_and_a_si
     assert live["kl_patch"] < 1e-6 < live["kl_ablate"] and live["n_controls"] == 5
     assert live["kl_random_mean"] > 100 * live["kl_patch"]
     assert dead["kl_patch"] == 0.0 and dead["kl_ablate"] == 0.0
-    assert len(n_fwd) == (2 + 5) + (0 + 5)  # the silent feature's patch and ablation ran no forward
+    assert sum(n_fwd) == (2 + 5) + (0 + 5)  # the silent feature's patch and ablation ran no forward
+    assert len(n_fwd) == 2  # each pair's patch, ablation and controls are stacked into one forward
 
 
 def test_subsampled_shared_vocab_keeps_the_string_pairing_and_agreement(tiny_tokenizers, llama):
@@ -488,3 +490,154 @@ def test_injection_controls_have_the_norm_of_the_injected_candidate(llama, monke
     assert cand_norms[0] == pytest.approx(want, rel=1e-5)  # b_matched
     for norms in ctrl_norms:
         torch.testing.assert_close(norms, torch.full_like(norms, want), rtol=1e-5, atol=0.0)
+
+
+def old_edited_effect(backend, clean, edits_for, ids=None):
+    """`edited_effect` before issue 20 (exp(logp0) and float64 sums per intervention), the reference for the new one."""
+    import math
+
+    import torch.nn.functional as F
+
+    from crossdict.interventions import from_clean
+
+    def nll_passages(logp, batch):
+        valid = batch.is_content[:, :-1] & batch.is_content[:, 1:]
+        nll = -logp[:, :-1].gather(-1, batch.input_ids[:, 1:][..., None])[..., 0]
+        return np.stack([(nll * valid).sum(1).double().numpy(), valid.sum(1).numpy()], 1)
+
+    kl_sum, n, nll_sum, n_nll, dsum, abs_sum, per = 0.0, 0, 0.0, 0, None, 0.0, []
+    sub = None if ids is None else torch.from_numpy(np.asarray(ids))
+    for i, (b, logp0) in enumerate(zip(clean.batches, clean.logp)):
+        edits = edits_for(i, b)
+        with from_clean(backend, clean, i, edits):
+            full = F.log_softmax(backend.logits(b, edits), -1)
+        per.append(nll_passages(full, b))
+        nll_sum, n_nll = nll_sum + float(per[-1][:, 0].sum()), n_nll + int(per[-1][:, 1].sum())
+        logp = full[b.is_content]
+        kl_sum += float((logp0.exp() * (logp0 - logp)).sum())
+        d = (logp - logp0).sum(0, dtype=torch.float64)
+        if sub is not None:
+            abs_sum += float((logp[:, sub] - logp0[:, sub]).abs().mean(1).sum())
+        dsum = d if dsum is None else dsum + d
+        n += logp.shape[0]
+    return dict(kl=kl_sum / n, dlogp=(dsum / n).float().numpy(), nll=nll_sum / max(n_nll, 1),
+                abs_dlogp=abs_sum / n if sub is not None else math.nan, nll_passages=np.concatenate(per))
+
+
+class _NoRowSelection:
+    """The backend without `output_rows`: `edited_effects` falls back to one full forward per intervention."""
+
+    def __init__(self, backend):
+        self._b = backend
+
+    def __getattr__(self, name):
+        if name == "output_rows":
+            raise AttributeError(name)
+        return getattr(self._b, name)
+
+
+def _late_edit(layer: int, v: torch.Tensor, at: int):
+    """Adds `v` at position `at` of passages 1.. only: passage 0 is untouched, the others change from `at` on."""
+
+    def edits(i, bb):
+        where = torch.zeros_like(bb.is_content)
+        where[1:, at] = True
+        return {layer: add_at(v, where & bb.is_content)}
+
+    return edits
+
+
+def test_edited_effects_equal_the_old_formula_batched_or_not_with_late_and_empty_edits(llama):
+    """Issue 20: p0 = exp(logp0) once per clean batch, in-place differences, interventions stacked along the batch and
+    rows before an edit not unembedded give the old formula's KL, Δlog p, NLL and |Δlog p| (1e-5 relative)."""
+    from crossdict.interventions import edited_effect, edited_effects
+
+    batches = [llama.tokenize(TEXTS[:3], 32), llama.tokenize(TEXTS[3:], 32)]  # two clean batches, different sizes
+    clean = clean_run(llama, batches)
+    gen = torch.Generator().manual_seed(0)
+    ids = np.arange(3, len(llama.tokenizer), 2)
+    inject_all = [lambda i, bb, v=3.0 * torch.randn(llama.d_model, generator=gen): {1: add_at(v, bb.is_content)}
+                  for _ in range(3)]
+    small = lambda i, bb, v=0.001 * torch.randn(llama.d_model, generator=gen): {1: add_at(v, bb.is_content)}  # noqa: E731
+    late = _late_edit(1, 3.0 * torch.randn(llama.d_model, generator=gen), 9)
+    nothing = lambda i, bb: {1: add_at(torch.zeros(llama.d_model), bb.is_content)}  # noqa: E731
+    at_zero = lambda i, bb: {0: add_at(torch.ones(llama.d_model), bb.is_content)}  # noqa: E731
+    cases = [*inject_all, small, late, nothing, at_zero]  # the last edits another block: its own chunk
+    want = [old_edited_effect(llama, clean, f, ids) for f in cases]
+    vocab = len(llama.tokenizer)
+    n_rows = sum(int(x.shape[0]) for x in clean.logp)
+    for backend, max_floats in ((llama, 2**27), (llama, 2 * n_rows * vocab // 3), (_NoRowSelection(llama), 2**27)):
+        got = edited_effects(backend, clean, cases, ids, max_floats=max_floats)  # one chunk, one copy per chunk, fallback
+        for w, g in zip(want, got):
+            assert g.kl == pytest.approx(w["kl"], rel=1e-5, abs=1e-9)
+            assert g.nll == pytest.approx(w["nll"], rel=1e-5)
+            assert g.abs_dlogp == pytest.approx(w["abs_dlogp"], rel=1e-5, abs=1e-9)
+            np.testing.assert_allclose(g.dlogp, w["dlogp"], rtol=1e-5, atol=1e-5 * np.abs(w["dlogp"]).max() + 1e-9)
+            np.testing.assert_allclose(g.nll_passages, w["nll_passages"], rtol=1e-5)
+    one = edited_effect(llama, clean, cases[0], ids)
+    assert one.kl == pytest.approx(want[0]["kl"], rel=1e-5) and one.kl > 0.01
+    assert want[3]["kl"] < want[0]["kl"] / 10 and 0 < want[4]["kl"] < want[0]["kl"]  # a small KL and a late edit
+    nothing_eff = edited_effects(llama, clean, [nothing], ids)[0]
+    assert nothing_eff.kl == 0.0 and nothing_eff.abs_dlogp == 0.0 and not nothing_eff.dlogp.any()  # no forward ran
+    np.testing.assert_array_equal(nothing_eff.nll_passages, clean.memo["nll_passages"])
+    only_nll = edited_effects(llama, clean, cases[:2], kl=False, dlogp=False)
+    assert all(math.isnan(e.kl) and e.dlogp is None for e in only_nll)
+    assert [e.nll for e in only_nll] == pytest.approx([w["nll"] for w in want[:2]], rel=1e-5)
+
+
+def test_stacked_feature_patching_equals_one_forward_per_patch(llama, monkeypatch):
+    """Issue 20: a pair's patch, ablation and random-feature controls stacked along the batch give each the KL that
+    its own forward through the old formula gives (same controls: the draws are unchanged)."""
+    from crossdict import interventions
+    from crossdict.interventions import feature_patch_rows, raw_decoder
+
+    Q, twin, sae_a, sae_b = rotated_pair(llama)
+    with torch.no_grad():  # B's SAE no longer A's rotated: patching with A's activation moves B
+        sae_b.W_enc.mul_(1.3)
+    batches = [llama.tokenize(TEXTS[:3], 32), llama.tokenize(TEXTS[3:], 32)]
+    strings = vocab_strings(llama.tokenizer)
+    a = Side(llama, 1, sae_a, clean_run(llama, batches), strings)
+    b = Side(twin, 1, sae_b, clean_run(twin, batches), strings)
+    pairing = pair_batches(a, b, None, None)
+    fires = sum(sae_a.encode(h).gt(0).flatten(0, 1).sum(0) for h in pairing.hs_a)
+    alive = np.nonzero(fires.numpy() > 0)[0]
+    feat = int(fires.argmax())
+    s_a = np.random.default_rng(1).uniform(0.5, 2.0, sae_a.d_sae)
+    s_b = np.random.default_rng(2).uniform(0.5, 2.0, sae_b.d_sae)
+    n_controls = 8
+
+    seen = []
+    real = interventions.edited_effects
+    monkeypatch.setattr(interventions, "edited_effects", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    (row,) = feature_patch_rows([MatchedPair(1, 1, feat, feat, 0.9, 0.001)], a, b, pairing, s_a, s_b, alive, n_controls,
+                                np.random.default_rng(0))
+    got = [e.kl for e in seen[0]]
+
+    dec_b = raw_decoder(sae_b)
+    codes_a = [sae_a.encode(h) for h in pairing.hs_a]
+
+    def old_patch(feat_b, scale, values_a):  # one forward per patch, the pre-issue-20 formula
+        def edits(k, bb):
+            def edit(h):
+                h = h.clone()
+                for i, p in enumerate(pairing.pairs[k]):
+                    pos = torch.from_numpy(p[:, 1])
+                    h[i, pos] += (values_a(k, i) * scale - sae_b.encode(h[i, pos])[:, feat_b])[:, None] * dec_b[feat_b]
+                return h
+
+            return {1: edit}
+
+        return old_edited_effect(twin, b.clean, edits)["kl"]
+
+    from_a = lambda k, i: codes_a[k][i, torch.from_numpy(pairing.pairs[k][i][:, 0]), feat]  # noqa: E731
+    zero = lambda k, i: torch.zeros(len(pairing.pairs[k][i]))  # noqa: E731
+    pool = alive[alive != feat]
+    drawn = np.random.default_rng(0).choice(pool, min(n_controls, len(pool)), replace=False)
+    want = [old_patch(feat, s_b[feat] / s_a[feat], from_a), old_patch(feat, 1.0, zero)]
+    want += [old_patch(int(f), s_b[int(f)] / s_a[feat], from_a) for f in drawn]
+    assert len(got) == 2 + n_controls and min(want) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    ctrl = np.array(want[2:])
+    assert row["kl_patch"] == pytest.approx(want[0], rel=1e-5) and row["kl_ablate"] == pytest.approx(want[1], rel=1e-5)
+    assert row["kl_random_mean"] == pytest.approx(ctrl.mean(), rel=1e-5)
+    assert row["p_value"] == (1 + int((ctrl <= want[0]).sum())) / (n_controls + 1)

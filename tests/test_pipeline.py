@@ -337,3 +337,52 @@ def test_transfer_one_feature_writes_its_own_file(finished_run):
     rows = list(csv.DictReader((cfg.report_dir / f"transfer_L{m['layer_a']}_F{m['feat_a']}.csv").open()))
     mapped = next(r for r in rows if r["direction"] == "b_mapped")
     assert float(mapped["agreement"]) == pytest.approx(float(m["agreement"]), abs=1e-4)  # same seed, same numbers
+
+
+def test_transfer_without_z_maps_stitches_and_splices_the_saved_maps_only(finished_run, tmp_path):
+    """Issue 20: with align.standardized_space false the align stage saves no `_z` maps; transfer then stitches and
+    splices the maps it finds, and fails clearly (before loading a model) only if a missing one is asked for.
+    `transfer.maps` picks maps from a run that has them all."""
+    import dataclasses
+
+    from crossdict.interventions import TransferError, run_transfer
+
+    cfg, _ = finished_run
+    full = {(r["layer_a"], r["map"], r["control"]): r for r in csv.DictReader((cfg.report_dir / "stitching.csv").open())}
+    assert any(k[1].endswith("_z") for k in full)
+    shutil.copytree(cfg.run_dir, tmp_path / "runs" / cfg.run_name)
+    run = dataclasses.replace(cfg, output_dir=str(tmp_path / "runs"))
+    chosen = dataclasses.replace(run, transfer=dataclasses.replace(run.transfer, maps=["procrustes"]))
+    out = run_transfer(chosen, progress=False)
+    assert {r["map"] for r in out["stitching"]} == {r["map"] for r in out["sae_transfer"]} == {"none", "procrustes"}
+
+    from crossdict.interventions import _load_maps
+
+    la, lb = cfg.layer_pairs[0]
+    off = dataclasses.replace(run, align=dataclasses.replace(run.align, standardized_space=False))
+    assert set(_load_maps(run, la, lb)) == {"procrustes", "ridge", "procrustes_z", "ridge_z"}
+    assert set(_load_maps(off, la, lb)) == {"procrustes", "ridge"}  # _z files on disk, but not this config's: stale
+
+    for f in (run.run_dir / "alignment").glob("*/*_z.*"):  # what align writes with standardized_space: false
+        f.unlink()
+    out = run_transfer(run, progress=False)
+    for name in ("stitching", "sae_transfer"):
+        written = list(csv.DictReader((run.report_dir / f"{name}.csv").open()))
+        assert {r["map"] for r in written} == {r["map"] for r in out[name]} == {"none", "procrustes", "ridge"}, name
+    first = str(cfg.layer_pairs[0][0])  # the first layer pair draws what it drew with the z maps there
+    for r in out["stitching"]:
+        if str(r["layer_a"]) == first:
+            assert r["loss"] == pytest.approx(float(full[(first, r["map"], r["control"])]["loss"]), rel=1e-5)
+
+    before = {p.name: p.read_bytes() for p in run.report_dir.iterdir() if p.is_file()}
+    for key, value in (("direction_map", "procrustes_z"), ("maps", ["procrustes", "ridge_z"])):
+        bad = dataclasses.replace(run, transfer=dataclasses.replace(run.transfer, **{key: value}))
+        with pytest.raises(TransferError, match=r"need the map\(s\) \['\w+_z'\].*standardized_space: true"):
+            run_transfer(bad, backends={}, progress=False)  # no backend is needed to find out
+    assert {p.name: p.read_bytes() for p in run.report_dir.iterdir() if p.is_file()} == before
+    from crossdict.config import ConfigError
+
+    for bad, why in ((["procrustes", "svcca"], "not allowed"), (["ridge", "ridge"], "distinct"), ([], "non-empty")):
+        with pytest.raises(ConfigError, match=why):
+            config_from_dict({**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "transfer"},
+                              "transfer": {"maps": bad}})

@@ -156,6 +156,23 @@ class HFBackend:
                 head.bias = full_b
 
     @contextlib.contextmanager
+    def output_rows(self, rows: torch.Tensor) -> Iterator[None]:
+        """Inside the block, `logits` returns `[n_rows, vocab]`: only the positions `rows` `[batch, seq]` (bool) are
+        unembedded, in row-major order (`logits(batch)[rows]`, without computing the others).
+
+        Positions an edit cannot reach (padding, BOS, those before the first edited one: attention is causal)
+        need no unembedding, the largest matmul of a forward for large vocabularies. The head's input is cut,
+        so what the model does to the head's output (Gemma-2's soft-capping) still applies.
+        """
+        head = self.model.get_output_embeddings()
+        full = head.forward
+        head.forward = lambda h: full(h[rows.to(h.device)])
+        try:
+            yield
+        finally:
+            del head.forward
+
+    @contextlib.contextmanager
     def start_after(self, layer: int, hidden: torch.Tensor) -> Iterator[None]:
         """Inside the block, a forward skips blocks 0..`layer`: block `layer` outputs `hidden` `[batch, seq, d]`
         (its cached clean output for the batch about to run) and the blocks before it pass their input on.

@@ -199,6 +199,11 @@ class TransferConfig:
     """Promoted strings compared across models (top-k overlap) and shown in the report."""
     direction_map: Literal["procrustes", "procrustes_z", "ridge", "ridge_z"] = "procrustes"
     """Fitted map whose linear part carries A's decoder direction into B (`b_mapped`)."""
+    maps: Optional[list[Literal["procrustes", "ridge", "procrustes_z", "ridge_z"]]] = None
+    """Fitted maps stitched into B (stitching.csv) and carrying A's SAE into B (sae_transfer.csv); None: every one
+    the align stage saved. The `_z` maps (fitted on z-scored dimensions, basis-dependent; fitted and used only with
+    align.standardized_space) cost 4 full-vocabulary forwards in B per layer pair: [procrustes, ridge] skips them.
+    A listed map the align stage did not save is an error, as is a `direction_map` it did not save."""
     n_patch_features: int = 16
     """Matched pairs tested by feature-level patching per layer pair."""
     n_patch_controls: int = 199
@@ -341,6 +346,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "top_strings": (lambda v: v >= 1, "an integer >= 1"),
     "n_patch_features": (lambda v: v >= 0, "an integer >= 0"),
     "n_patch_controls": (lambda v: v >= 1, "an integer >= 1"),
+    "maps": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "a non-empty list of distinct map names (or null: all saved)"),
     "exclusive_r": (lambda v: 0.0 < v < 0.5, "a number strictly between 0 and 0.5"),
     "agreement_min_cos": (lambda v: -1.0 <= v <= 1.0, "a number in [-1, 1]"),
     "layers": (lambda v: len(v) >= 1 and all(x >= 0 for x in v), "a non-empty list of layer indices >= 0"),

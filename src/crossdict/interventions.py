@@ -47,7 +47,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -70,6 +70,7 @@ from .transfer_controls import (
     frequency_matched,
     normal_rows,
     paired_test,
+    repeat_batch,
     shifts_many,
 )
 from .utils import atomic_write_json, atomic_write_text
@@ -205,13 +206,9 @@ class CleanRun:
 
 
 def clean_run(backend: Backend, batches: list[Batch]) -> CleanRun:
-    logp, per = [], []
-    for b in batches:
-        full = F.log_softmax(backend.logits(b), -1)
-        per.append(_next_nll_passages(full, b))
-        logp.append(full[b.is_content])
-    per_all = np.concatenate(per)
-    run = CleanRun(batches, logp, float(per_all[:, 0].sum()) / max(int(per_all[:, 1].sum()), 1))
+    run = CleanRun(batches, [F.log_softmax(backend.logits(b), -1)[b.is_content] for b in batches])
+    per_all = np.concatenate([_reference(run, i).passage_sums(_reference(run, i).nll) for i in range(len(batches))])
+    run.nll = float(per_all[:, 0].sum()) / max(int(per_all[:, 1].sum()), 1)
     run.memo["nll_passages"] = per_all
     return run
 
@@ -219,29 +216,15 @@ def clean_run(backend: Backend, batches: list[Batch]) -> CleanRun:
 @dataclass
 class Effect:
     kl: float
-    """Mean over measured positions of KL(clean ‖ edited) of the next-token distribution."""
-    dlogp: np.ndarray
-    """`[vocab]` mean change of each token's log-probability."""
+    """Mean over measured positions of KL(clean ‖ edited) of the next-token distribution (NaN when not asked for)."""
+    dlogp: np.ndarray | None
+    """`[vocab]` mean change of each token's log-probability (None when not asked for)."""
     nll: float
     """Mean next-token NLL of the edited model over content positions that have a next content token."""
     abs_dlogp: float = math.nan
     """Mean over measured positions and the `ids` given (shared strings) of |Δ log p|: the effect size."""
     nll_passages: np.ndarray | None = None
     """`[n_passages, 2]` summed next-token NLL and its token count per passage (for CIs over passages)."""
-
-
-def _next_nll(logp: torch.Tensor, batch: Batch) -> tuple[float, int]:
-    """Summed NLL over content positions with a next content token; `logp` `[b, seq, vocab]`."""
-    per = _next_nll_passages(logp, batch)
-    return float(per[:, 0].sum()), int(per[:, 1].sum())
-
-
-def _next_nll_passages(logp: torch.Tensor, batch: Batch) -> np.ndarray:
-    """`[b, 2]` summed NLL and count per passage over content positions with a next content token."""
-    valid = (batch.is_content[:, :-1] & batch.is_content[:, 1:]).to(logp.device)
-    target = batch.input_ids[:, 1:].to(logp.device)
-    nll = -logp[:, :-1].gather(-1, target[..., None])[..., 0]
-    return np.stack([(nll * valid).sum(1).double().cpu().numpy(), valid.sum(1).cpu().numpy()], 1)
 
 
 def _vocab_restricted(backend: Backend, ids: np.ndarray | None) -> Any:
@@ -272,27 +255,173 @@ def from_clean(backend: Backend, clean: CleanRun, index: int, edits: dict[int, E
     return backend.start_after(layer, h.repeat(copies, 1, 1) if copies > 1 else h)
 
 
-def edited_effect(backend: Backend, clean: CleanRun, edits_for: Callable[[int, Batch], dict[int, Edit]],
-                  ids: np.ndarray | None = None) -> Effect:
-    """Run every batch with `edits_for(batch_index, batch)` and compare with the clean pass."""
-    kl_sum, n, nll_sum, n_nll, dsum, abs_sum, per = 0.0, 0, 0.0, 0, None, 0.0, []
-    sub = None if ids is None else torch.from_numpy(np.asarray(ids))
-    for i, (b, logp0) in enumerate(zip(clean.batches, clean.logp)):
-        edits = edits_for(i, b)
-        with from_clean(backend, clean, i, edits):
-            full = F.log_softmax(backend.logits(b, edits), -1)
-        per.append(_next_nll_passages(full, b))
-        nll_sum, n_nll = nll_sum + float(per[-1][:, 0].sum()), n_nll + int(per[-1][:, 1].sum())
-        logp = full[b.is_content]
-        del full
-        kl_sum += float((logp0.exp() * (logp0 - logp)).sum())
-        d = (logp - logp0).sum(0, dtype=torch.float64)
+@dataclass
+class _Reference:
+    """Clean batch `i` as every intervention compares with it, per content row (the rows of `clean.logp[i]`)."""
+
+    nll: torch.Tensor
+    """`[n]` clean NLL of the next token, 0 where it is not content (the row is not scored)."""
+    valid: torch.Tensor
+    """`[n]` bool: the next token is content, the row counts in the NLL."""
+    target: torch.Tensor
+    """`[n]` the next token's id (0 where not valid)."""
+    passage: torch.Tensor
+    """`[n]` the passage (batch row) each content row belongs to."""
+    count: np.ndarray
+    """`[b]` scored rows per passage."""
+
+    def passage_sums(self, nll: torch.Tensor) -> np.ndarray:
+        """`[b, 2]` summed NLL and count per passage over the scored rows, from `nll` `[n]` per content row."""
+        total = torch.zeros(len(self.count), dtype=torch.float64)
+        total.index_add_(0, self.passage[self.valid], nll[self.valid].double())
+        return np.stack([total.numpy(), self.count], 1)
+
+
+def _reference(clean: CleanRun, i: int) -> _Reference:
+    key = ("reference", i)
+    if key not in clean.memo:
+        b, logp0 = clean.batches[i], clean.logp[i]
+        content = b.is_content
+        valid, target = torch.zeros_like(content), torch.zeros_like(b.input_ids)
+        valid[:, :-1], target[:, :-1] = content[:, :-1] & content[:, 1:], b.input_ids[:, 1:]
+        valid, target = valid[content], target[content]
+        nll = torch.where(valid, -logp0.gather(1, target[:, None].to(logp0.device))[:, 0].cpu(), 0.0)
+        passage = torch.arange(len(b.texts))[:, None].expand_as(content)[content]
+        clean.memo[key] = _Reference(nll, valid, target, passage, np.bincount(passage[valid], minlength=len(b.texts)))
+    return clean.memo[key]
+
+
+def _clean_probs(clean: CleanRun, i: int) -> torch.Tensor:
+    """`[n, vocab]` clean next-token probabilities of batch `i`: exp(logp0) once, not once per intervention."""
+    key = ("p", i)
+    if key not in clean.memo:
+        clean.memo[key] = clean.logp[i].exp()
+    return clean.memo[key]
+
+
+@dataclass
+class _Sums:
+    """One intervention's running sums over the clean batches (see `Effect`)."""
+
+    kl: float = 0.0
+    abs_dlogp: float = 0.0
+    dlogp: torch.Tensor | float = 0.0
+    n: int = 0
+    per: list[np.ndarray] = field(default_factory=list)
+
+    def effect(self, kl: bool, dlogp: bool, ids: bool) -> Effect:
+        per = np.concatenate(self.per)
+        return Effect(self.kl / self.n if kl else math.nan,
+                      (self.dlogp / self.n).float().cpu().numpy() if dlogp else None,
+                      float(per[:, 0].sum()) / max(int(per[:, 1].sum()), 1),
+                      self.abs_dlogp / self.n if ids else math.nan, per)
+
+
+def _add_copy(s: _Sums, clean: CleanRun, i: int, rows: torch.Tensor, logits: torch.Tensor, sub: torch.Tensor | None,
+              kl: bool, dlogp: bool) -> None:
+    """Add batch `i` of one edited copy to `s`: content rows `rows` `[m]` (ascending) have `logits` `[m, vocab]`,
+    every other content row is the clean one (the edit cannot reach it) and adds 0 to KL and Δlog p.
+
+    KL(clean ‖ edited) = Σ p0·(logp0 − logp) is formed from the difference, not as Σ p0·logp0 − Σ p0·logp: small
+    KLs (a patched feature: 1e-4 nats) would cancel in float32. The difference is taken in place, so the one
+    `[m, vocab]` allocation is the log-softmax."""
+    ref, logp0 = _reference(clean, i), clean.logp[i]
+    nll = ref.nll.clone()
+    logp = F.log_softmax(logits, -1)
+    ok = ref.valid[rows]
+    nll[rows[ok]] = -logp[ok].gather(1, ref.target[rows[ok]][:, None].to(logp.device))[:, 0].cpu()
+    s.per.append(ref.passage_sums(nll))
+    s.n += int(logp0.shape[0])
+    if dlogp and not torch.is_tensor(s.dlogp):
+        s.dlogp = torch.zeros(logp0.shape[-1], dtype=torch.float64, device=logp0.device)
+    if not len(rows) or not (kl or dlogp or sub is not None):
+        return
+    p0 = _clean_probs(clean, i) if kl else None
+    starts = np.r_[0, np.nonzero(np.diff(rows.numpy()) != 1)[0] + 1, len(rows)]
+    for a, e in zip(starts[:-1], starts[1:]):  # runs of consecutive rows: views of the clean tensors, no copies
+        c = int(rows[a])
+        d = logp[a:e].sub_(logp0[c : c + e - a])  # Δlog p
         if sub is not None:
-            abs_sum += float((logp[:, sub] - logp0[:, sub]).abs().mean(1).sum())
-        dsum = d if dsum is None else dsum + d
-        n += logp.shape[0]
-    return Effect(kl_sum / n, (dsum / n).float().cpu().numpy(), nll_sum / max(n_nll, 1),
-                  abs_sum / n if sub is not None else math.nan, np.concatenate(per))
+            s.abs_dlogp += float(d[:, sub].abs().mean(1).sum())
+        if dlogp:
+            s.dlogp += d.sum(0, dtype=torch.float64)
+        if kl:
+            s.kl -= float(d.mul_(p0[c : c + e - a]).sum())
+
+
+def _edited_logits(backend: Backend, clean: CleanRun, i: int, edits: list[dict[int, Edit]],
+                   max_floats: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per copy j of clean batch `i` with `edits[j]`: (j, content rows `[m]` the edit can reach, their logits
+    `[m, vocab]`), in any order.
+
+    With a backend that can start after a block and unembed chosen rows, an edit of one block is applied to the
+    cached clean residual directly, copies editing the same block are stacked along the batch (chunks of at most
+    `max_floats` logits) and only rows at or after a copy's first changed position are unembedded: the rows
+    before it are the clean ones exactly (attention is causal), and a copy whose edit changes nothing runs no
+    forward. Otherwise one forward per copy, every content row.
+    """
+    b = clean.batches[i]
+    content = b.is_content
+    vocab = int(clean.logp[i].shape[-1])
+    fast = hasattr(backend, "start_after") and hasattr(backend, "output_rows")
+    chunk: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (j, edited residual, reach, rows)
+    at: list[int] = []  # the block the chunk's copies edit
+
+    def run() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        if not chunk:
+            return
+        reach = torch.cat([r for _, _, r, _ in chunk])
+        with backend.start_after(at[0], torch.cat([x for _, x, _, _ in chunk])), backend.output_rows(reach):
+            logits = backend.logits(repeat_batch(b, len(chunk)))
+        for (j, _, _, rows), part in zip(chunk, logits.split([len(r) for *_, r in chunk])):
+            yield j, rows, part
+        chunk.clear()
+
+    for j, e in enumerate(edits):
+        if not fast or len(e) != 1:
+            with from_clean(backend, clean, i, e):
+                yield j, torch.arange(int(content.sum())), backend.logits(b, e)[content]
+            continue
+        (layer,) = e
+        h = clean_hidden(backend, clean, layer)[i]
+        x = e[layer](h.clone()).to(h.dtype)  # a clone: an edit writing into its input must not touch the cache
+        reach = ((x != h).any(-1).cpu().cumsum(1) > 0) & content  # [b, seq] at or after the first changed position
+        rows = torch.nonzero(reach[content])[:, 0]
+        if not len(rows):
+            yield j, rows, torch.zeros(0, vocab)
+            continue
+        if chunk and (at[0] != layer or (sum(len(r) for *_, r in chunk) + len(rows)) * vocab > max_floats):
+            yield from run()
+        at[:] = [layer]
+        chunk.append((j, x, reach, rows))
+    yield from run()
+
+
+EditsFor = Callable[[int, Batch], dict[int, Edit]]
+"""`(batch_index, batch) -> {layer: edit}`: one intervention, as applied to each clean batch."""
+
+
+def edited_effects(backend: Backend, clean: CleanRun, edits_for: list[EditsFor], ids: np.ndarray | None = None,
+                   kl: bool = True, dlogp: bool = True, max_floats: int = 2**27) -> list[Effect]:
+    """Run every batch with each `edits_for[j](batch_index, batch)` and compare with the clean pass.
+
+    `kl` / `dlogp` False: that part of the `Effect` is not computed (NaN / None), which saves passes over
+    `[positions, vocab]` (stitching needs only the NLL). Interventions are stacked along the batch (`_edited_logits`,
+    `max_floats` bounds the logits held at once: 2**27 floats, 512 MB); the numbers are those of one forward per
+    intervention up to float rounding (the stacked matmuls have other shapes).
+    """
+    sub = None if ids is None else torch.from_numpy(np.asarray(ids))
+    sums = [_Sums() for _ in edits_for]
+    for i, b in enumerate(clean.batches):
+        for j, rows, logits in _edited_logits(backend, clean, i, [f(i, b) for f in edits_for], max_floats):
+            _add_copy(sums[j], clean, i, rows, logits, sub, kl, dlogp)
+    return [s.effect(kl, dlogp, sub is not None) for s in sums]
+
+
+def edited_effect(backend: Backend, clean: CleanRun, edits_for: EditsFor, ids: np.ndarray | None = None,
+                  kl: bool = True, dlogp: bool = True) -> Effect:
+    """`edited_effects` of one intervention."""
+    return edited_effects(backend, clean, [edits_for], ids, kl, dlogp)[0]
 
 
 def inject(backend: Backend, clean: CleanRun, layer: int, vector: torch.Tensor, ids: np.ndarray | None = None) -> Effect:
@@ -627,14 +756,12 @@ class Pairing:
 
 
 def pair_batches(a: Side, b: Side, max_a: float | None, max_b: float | None) -> Pairing:
-    pairs, hs_a, n = [], [], 0
-    for ba, bb in zip(a.clean.batches, b.clean.batches):
-        ha = a.backend.hidden_states(ba, [a.layer])[a.layer]
-        hb = b.backend.hidden_states(bb, [b.layer])[b.layer]
+    pairs, n = [], 0
+    hs_a = clean_hidden(a.backend, a.clean, a.layer)  # the cached clean states: patching and splicing reuse them
+    for ba, bb, ha, hb in zip(a.clean.batches, b.clean.batches, hs_a, clean_hidden(b.backend, b.clean, b.layer)):
         p = _keep_normal(paired_positions(ba, bb), ha, hb, max_a, max_b,
                          not getattr(a.backend, "has_bos", True), not getattr(b.backend, "has_bos", True))
         pairs.append(p)
-        hs_a.append(ha)
         n += sum(len(x) for x in p)
     if n == 0:
         raise TransferError("no anchor-paired positions in the transfer passages")
@@ -655,8 +782,8 @@ def stitching_rows(a: Side, b: Side, maps: dict[str, LinearMap], pairing: Pairin
     def values_from(fn: Callable[[int, int], torch.Tensor]) -> list[list[torch.Tensor]]:
         return [[fn(k, i) for i in range(len(pairing.pairs[k]))] for k in range(len(pairing.pairs))]
 
-    def run(values: list[list[torch.Tensor]]) -> np.ndarray:
-        return edited_effect(b.backend, b.clean, lambda k, bb: {b.layer: _replace_at(values[k], pairing.pairs[k])}).nll_passages
+    def replace(values: list[list[torch.Tensor]]) -> EditsFor:
+        return lambda k, bb: {b.layer: _replace_at(values[k], pairing.pairs[k])}
 
     def shuffle(mapped: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
         flat = torch.cat([v for per in mapped for v in per])
@@ -671,17 +798,17 @@ def stitching_rows(a: Side, b: Side, maps: dict[str, LinearMap], pairing: Pairin
 
     d_b = b.backend.d_model
     mean = torch.from_numpy(np.asarray(mean_b, np.float32))
-    per = {"clean": b.clean.memo["nll_passages"],
-           "mean": run(values_from(lambda k, i: mean.expand(len(pairing.pairs[k][i]), d_b))),
-           "zero": run(values_from(lambda k, i: torch.zeros(len(pairing.pairs[k][i]), d_b)))}
+    edits = {"mean": replace(values_from(lambda k, i: mean.expand(len(pairing.pairs[k][i]), d_b))),
+             "zero": replace(values_from(lambda k, i: torch.zeros(len(pairing.pairs[k][i]), d_b)))}
     rows = [{**base, "map": "none", "control": c, "key": c} for c in ("clean", "mean", "zero")]
-    for name, mp in maps.items():
+    for name, mp in maps.items():  # the shuffles draw from `gen` in map order, as when each ran on its own
         W, bias = torch.from_numpy(mp.weight), torch.from_numpy(mp.bias)
         mapped = values_from(lambda k, i: pairing.hs_a[k][i, torch.from_numpy(pairing.pairs[k][i][:, 0])] @ W + bias)
-        per[name] = run(mapped)
-        per[f"{name}_shuffled"] = run(shuffle(mapped))
+        edits[name], edits[f"{name}_shuffled"] = replace(mapped), replace(shuffle(mapped))
         rows += [{**base, "map": name, "control": "none", "key": name},
                  {**base, "map": name, "control": "shuffled", "key": f"{name}_shuffled"}]
+    effects = edited_effects(b.backend, b.clean, list(edits.values()), kl=False, dlogp=False)  # only the NLL is used
+    per = {"clean": b.clean.memo["nll_passages"], **{k: e.nll_passages for k, e in zip(edits, effects)}}
     rng = np.random.default_rng(seed)
     n_p = len(per["clean"])
     boot = rng.integers(0, n_p, size=(n_boot, n_p))
@@ -710,21 +837,9 @@ def feature_patch_rows(pairs: list[MatchedPair], a: Side, b: Side, pairing: Pair
     dec_b = raw_decoder(b.sae)
     codes_a = [a.sae.encode(h) for h in pairing.hs_a]  # [b, seq_a, d_sae_a] per batch
 
-    hs_b = clean_hidden(b.backend, b.clean, b.layer)
-    codes_b = [b.sae.encode(h) for h in hs_b]  # [b, seq_b, d_sae_b] per batch, clean
-
-    def changes(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> bool:
-        """Whether patching moves anything (else KL is 0: no forward needed, e.g. neither feature fires)."""
-        for k, pairs_k in enumerate(pairing.pairs):
-            for i, p in enumerate(pairs_k):
-                old = codes_b[k][i, torch.from_numpy(p[:, 1]), feat_b]
-                if len(p) and bool(((values_a(k, i) * scale) != old).any()):
-                    return True
-        return False
-
-    def patch(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> float:
-        if not changes(feat_b, scale, values_a):
-            return 0.0
+    def patch(feat_b: int, scale: float, values_a: Callable[[int, int], torch.Tensor]) -> EditsFor:
+        """Set `feat_b`'s code at the paired B positions to `values_a` times `scale`. A patch that moves nothing
+        (neither feature fires) runs no forward: `edited_effects` sees the residual unchanged and gives KL 0."""
 
         def edits(k: int, bb: Batch) -> dict[int, Edit]:
             def edit(h: torch.Tensor) -> torch.Tensor:
@@ -738,18 +853,20 @@ def feature_patch_rows(pairs: list[MatchedPair], a: Side, b: Side, pairing: Pair
 
             return {b.layer: edit}
 
-        return edited_effect(b.backend, b.clean, edits).kl
+        return edits
 
     rows = []
     for pr in pairs:
         fa = pr.feat_a
         from_a = lambda k, i: codes_a[k][i, torch.from_numpy(pairing.pairs[k][i][:, 0]), fa]  # noqa: E731
         zero = lambda k, i: torch.zeros(len(pairing.pairs[k][i]))  # noqa: E731
-        kl_patch = patch(pr.feat_b, s_b[pr.feat_b] / max(s_a[fa], 1e-12), from_a)
-        kl_ablate = patch(pr.feat_b, 1.0, zero)
         pool = alive_b[alive_b != pr.feat_b]
-        ctrl = np.array([patch(int(f), s_b[int(f)] / max(s_a[fa], 1e-12), from_a)
-                         for f in gen.choice(pool, min(n_controls, len(pool)), replace=False)])
+        controls = [patch(int(f), s_b[int(f)] / max(s_a[fa], 1e-12), from_a)
+                    for f in gen.choice(pool, min(n_controls, len(pool)), replace=False)]
+        kl_patch, kl_ablate, *ctrl = (e.kl for e in edited_effects(
+            b.backend, b.clean, [patch(pr.feat_b, s_b[pr.feat_b] / max(s_a[fa], 1e-12), from_a),
+                                 patch(pr.feat_b, 1.0, zero), *controls], dlogp=False))
+        ctrl = np.array(ctrl)
         rows.append({"layer_a": pr.layer_a, "layer_b": pr.layer_b, "feat_a": fa, "feat_b": pr.feat_b, "kl_patch": kl_patch,
                      "kl_ablate": kl_ablate, "kl_random_mean": float(ctrl.mean()) if len(ctrl) else math.nan,
                      "random_percentile": float((ctrl < kl_patch).mean()) if len(ctrl) else math.nan,
@@ -781,10 +898,28 @@ def _load_side_files(cfg: RunConfig, key: str, layer: int) -> Any:
 
 
 def _load_maps(cfg: RunConfig, la: int, lb: int) -> dict[str, LinearMap]:
+    """The saved maps transfer uses at (la, lb): Procrustes, `transfer.direction_map` and the stitched ones."""
     d = map_dir(cfg.run_dir, la, lb)
     if not (d / "procrustes.safetensors").is_file():
         raise TransferError(f"no alignment for layers (a={la}, b={lb}) at {d}; run crossdict align for this layer pair")
-    return {m: LinearMap.load(d, m) for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()}
+    # A _z map on disk with align.standardized_space off is stale (an earlier align run's): this config fits none.
+    saved = [m for m in STITCH_MAPS if (d / f"{m}.safetensors").is_file()
+             and (cfg.align.standardized_space or not m.endswith("_z"))]
+    tcfg = cfg.transfer
+    want = {"procrustes", tcfg.direction_map, *(saved if tcfg.maps is None else tcfg.maps)}  # procrustes: error hints
+    missing = [m for m in STITCH_MAPS if m in want and m not in saved]
+    if missing:
+        z = (" The _z maps are fitted (and used) only with align.standardized_space: true."
+             if any(m.endswith("_z") for m in missing) else "")
+        raise TransferError(f"layers (a={la}, b={lb}): transfer.direction_map {tcfg.direction_map!r} and transfer.maps "
+                            f"{tcfg.maps} need the map(s) {missing}, but the align stage saved only {saved} at {d}.{z} "
+                            f"Choose among {saved}, or rerun crossdict align")
+    return {m: LinearMap.load(d, m) for m in saved if m in want}
+
+
+def _stitched_maps(cfg: RunConfig, maps: dict[str, LinearMap]) -> dict[str, LinearMap]:
+    """The maps stitching and sae_transfer run (`transfer.maps`, else every saved one), in `STITCH_MAPS` order."""
+    return {m: mp for m, mp in maps.items() if cfg.transfer.maps is None or m in cfg.transfer.maps}
 
 
 def _check_alpha(alphas: list[float]) -> list[float]:
@@ -936,11 +1071,11 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         ratio = cfg.sae.max_norm_ratio  # the cache's row mask thresholds, the ones every other stage used
         pairing = pair_batches(a, b, cache.mask_info("a", la, ratio)["max_norm"], cache.mask_info("b", lb, ratio)["max_norm"])
         mean_b = cache.acts("b", lb).take(np.sort(rng.choice(b_rows, min(len(b_rows), 20000), replace=False))).mean(0)
-        stitching += stitching_rows(a, b, maps, pairing, mean_b, gen, seed=cfg.seed)
+        stitching += stitching_rows(a, b, _stitched_maps(cfg, maps), pairing, mean_b, gen, seed=cfg.seed)
         ho = cache.rows("b", "heldout")
         y_ho = torch.from_numpy(np.asarray(cache.acts("b", lb).take(np.sort(rng.choice(ho, min(len(ho), 4096), replace=False))),
                                            np.float32))
-        sae_transfer += sae_transfer_rows(la, lb, b.backend, b.clean, lb, sae_a, sae_b, maps, y_ho,
+        sae_transfer += sae_transfer_rows(la, lb, b.backend, b.clean, lb, sae_a, sae_b, _stitched_maps(cfg, maps), y_ho,
                                           sae_b.spec.metadata.get("max_norm"), cfg.seed)
         patching += feature_patch_rows(todo[: tcfg.n_patch_features], a, b, pairing, s_a, s_b, alive_b,
                                        tcfg.n_patch_controls, rng)

@@ -83,12 +83,15 @@ def fvu(recon: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> float
     return float(err / ((y - y.mean(0)) ** 2).sum())
 
 
-def top_pc_share(recon: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, k: int = N_TOP_PCS) -> float:
-    """Share of the reconstruction error's energy in the top-`k` principal directions of `y` `[n, d]`."""
-    yc = (y - y.mean(0)).double()
-    _, _, vh = torch.linalg.svd(yc, full_matrices=False)
+def top_pcs(y: torch.Tensor, k: int = N_TOP_PCS) -> torch.Tensor:
+    """`[k, d]` the top-`k` principal directions of rows `y` `[n, d]` (float64)."""
+    return torch.linalg.svd((y - y.mean(0)).double(), full_matrices=False)[2][:k]
+
+
+def top_pc_share(recon: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, pcs: torch.Tensor) -> float:
+    """Share of the reconstruction error's energy in the principal directions `pcs` `[k, d]` of `y` `[n, d]`."""
     e = (y - recon(y)).double()
-    return float(((e @ vh[:k].T) ** 2).sum() / (e**2).sum().clamp_min(1e-30))
+    return float(((e @ pcs.T) ** 2).sum() / (e**2).sum().clamp_min(1e-30))
 
 
 def splice_at(recon: Callable[[torch.Tensor], torch.Tensor], positions: torch.Tensor, max_norm: float | None) -> Edit:
@@ -106,32 +109,29 @@ def splice_at(recon: Callable[[torch.Tensor], torch.Tensor], positions: torch.Te
 
 def sae_transfer_rows(la: int, lb: int, b_backend: Any, b_clean: Any, b_layer: int, sae_a: Any, sae_b: Any,
                       maps: dict[str, LinearMap], y_heldout: torch.Tensor, max_norm: float | None, seed: int = 0) -> list[dict]:
-    """sae_transfer.csv rows for one layer pair: B's own SAE, A's SAE through every map, random-map floors."""
-    from .interventions import edited_effect
+    """sae_transfer.csv rows for one layer pair: B's own SAE, A's SAE through every map, random-map floors.
+
+    Every splice runs in one `edited_effects` call (stacked along the batch); each reconstruction's own random
+    draws (`random_error`) come in the order they did one row at a time: its splice, then FVU, then the PC share."""
+    from .interventions import edited_effects
 
     y = y_heldout.float()
     y = y[torch.from_numpy(normal_rows(y.norm(dim=-1), max_norm))]
-    zero = lambda t: torch.zeros_like(t)  # noqa: E731
-
-    def spliced(recon: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, float]:
-        eff = edited_effect(b_backend, b_clean, lambda k, bb: {b_layer: splice_at(recon, bb.is_content, max_norm)})
-        return eff.nll, eff.kl
-
-    ce_zero, kl_zero = spliced(zero)
-    base = {"layer_a": la, "layer_b": lb, "n_rows": len(y), "n_tokens": b_clean.n_positions}
-    random_share = N_TOP_PCS / y.shape[1]
-
-    def row(name: str, map_name: str, recon: Callable[[torch.Tensor], torch.Tensor], pcs: bool = True) -> dict:
-        ce, kl = spliced(recon)
-        gap = ce_zero - b_clean.nll
-        return {**base, "sae": name, "map": map_name, "fvu": fvu(recon, y), "ce_loss": ce,
-                "ce_recovered": (ce_zero - ce) / gap if abs(gap) > 1e-12 else math.nan, "kl": kl,
-                "kl_recovered": (kl_zero - kl) / kl_zero if kl_zero > 1e-12 else math.nan,
-                "err_top_pc_share": top_pc_share(recon, y) if pcs else math.nan, "random_top_pc_share": random_share}
-
     own_b = own(sae_b)
-    rows = [row("b_own", "none", own_b), row("b_own_random_error", "none", random_error(own_b, seed))]
+    recons = [("b_own", "none", own_b), ("b_own_random_error", "none", random_error(own_b, seed))]
     for name, mp in maps.items():
-        rows.append(row("a_transferred", name, transferred(sae_a, mp.weight, mp.bias)))
-        rows.append(row("a_random_map", name, transferred(sae_a, random_map(mp.weight, seed), mp.bias)))
+        recons += [("a_transferred", name, transferred(sae_a, mp.weight, mp.bias)),
+                   ("a_random_map", name, transferred(sae_a, random_map(mp.weight, seed), mp.bias))]
+    splices = [lambda t: torch.zeros_like(t)] + [r for *_, r in recons]
+    zero, *effects = edited_effects(b_backend, b_clean, [
+        lambda k, bb, r=r: {b_layer: splice_at(r, bb.is_content, max_norm)} for r in splices], dlogp=False)
+    base = {"layer_a": la, "layer_b": lb, "n_rows": len(y), "n_tokens": b_clean.n_positions}
+    gap = zero.nll - b_clean.nll
+    pcs = top_pcs(y)
+    rows = []
+    for (name, map_name, recon), eff in zip(recons, effects):
+        rows.append({**base, "sae": name, "map": map_name, "fvu": fvu(recon, y), "ce_loss": eff.nll,
+                     "ce_recovered": (zero.nll - eff.nll) / gap if abs(gap) > 1e-12 else math.nan, "kl": eff.kl,
+                     "kl_recovered": (zero.kl - eff.kl) / zero.kl if zero.kl > 1e-12 else math.nan,
+                     "err_top_pc_share": top_pc_share(recon, y, pcs), "random_top_pc_share": N_TOP_PCS / y.shape[1]})
     return rows
