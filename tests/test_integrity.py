@@ -333,6 +333,22 @@ def test_a_real_full_disk_names_the_file_and_keeps_the_old_one(tiny_fs):
     assert not list(tiny_fs.rglob(".*.tmp"))
 
 
+def test_a_real_full_disk_during_a_large_array_write_says_disk_full(tiny_fs):
+    """numpy fallocates an array of >= 16 MiB before writing it: on a full disk that fails with "Not enough free space
+    to write ... bytes after offset 128" (an OSError with no errno), not the short write of smaller arrays. Every cache
+    shard and layer-sweep file of a real run is that large (issue 15: a 30 MiB tmpfs run said "[Errno None] cannot
+    write .../layer_sweep/a.npy")."""
+    from crossdict.utils import atomic_save_npy, load_npy
+
+    small = np.arange(1000, dtype=np.float32)
+    atomic_save_npy(tiny_fs / "a.npy", small)
+    with pytest.raises(OSError, match=r"disk full while writing .*a\.npy") as e:
+        atomic_save_npy(tiny_fs / "a.npy", np.zeros((4, 1 << 20), np.float32))  # 16 MiB
+    assert "Not enough free space" in str(e.value)  # numpy's own words stay, in parentheses
+    np.testing.assert_array_equal(load_npy(tiny_fs / "a.npy"), small)  # the old file, intact and verified
+    assert not list(tiny_fs.glob(".*.tmp"))
+
+
 def test_other_write_errors_name_the_file(tmp_path):
     from crossdict.utils import atomic_path
 
