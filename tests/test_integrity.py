@@ -169,6 +169,36 @@ def test_run_reruns_the_stage_that_owns_a_damaged_file(run_copy, damage, capsys)
     assert set(status.values()) == {"skipped"}
 
 
+@pytest.mark.parametrize("deleted", ["shard_dir", "shard_file", "alignment_dir"])
+def test_a_deleted_output_fails_verify_and_reruns_the_stage_that_owns_it(run_copy, deleted, capsys):
+    """Issue 15 acceptance: after `rm -r cache/shard_00001` (its digests.json goes with it), one deleted shard file or
+    a deleted alignment directory, `crossdict run` said every stage "up to date, skipped" and `crossdict verify`
+    exited 0; only a stage run alone failed, on "No such file"."""
+    from crossdict.cli import main
+    from crossdict.pipeline import run_all
+
+    cfg = run_copy
+    shard = cfg.cache_dir / "shard_00001"
+    good = {p.name: p.read_bytes() for p in shard.iterdir() if p.is_file() and p.name != "digests.json"}
+    target = {"shard_dir": shard, "shard_file": _shard_file(cfg),
+              "alignment_dir": next((cfg.run_dir / "alignment").iterdir())}[deleted]
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    path = write_cfg(cfg, cfg.run_dir.parent.parent / "cfg.yaml")
+    capsys.readouterr()
+    assert main(["verify", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "MISSING" in err and str(target) in err, err
+    status = run_all(cfg, progress=False)
+    out = capsys.readouterr().out
+    owner = "align" if deleted == "alignment_dir" else "extract"
+    assert status[owner] == "ran" and "deleted" in out, out
+    assert status["extract" if owner == "align" else "train"] == "skipped", out
+    if owner == "extract":  # extracted again, byte-identical
+        assert {p.name: p.read_bytes() for p in shard.iterdir() if p.is_file() and p.name != "digests.json"} == good
+    assert main(["verify", "--config", str(path)]) == 0
+    assert set(run_all(cfg, progress=False).values()) == {"skipped"}
+
+
 def test_a_stage_run_alone_names_the_corrupt_file_and_what_to_rerun(run_copy, capsys):
     from crossdict.cli import main
 
