@@ -169,6 +169,36 @@ def test_run_reruns_the_stage_that_owns_a_damaged_file(run_copy, damage, capsys)
     assert set(status.values()) == {"skipped"}
 
 
+@pytest.mark.parametrize("deleted", ["shard_dir", "shard_file", "alignment_dir"])
+def test_a_deleted_output_fails_verify_and_reruns_the_stage_that_owns_it(run_copy, deleted, capsys):
+    """Issue 15 acceptance: after `rm -r cache/shard_00001` (its digests.json goes with it), one deleted shard file or
+    a deleted alignment directory, `crossdict run` said every stage "up to date, skipped" and `crossdict verify`
+    exited 0; only a stage run alone failed, on "No such file"."""
+    from crossdict.cli import main
+    from crossdict.pipeline import run_all
+
+    cfg = run_copy
+    shard = cfg.cache_dir / "shard_00001"
+    good = {p.name: p.read_bytes() for p in shard.iterdir() if p.is_file() and p.name != "digests.json"}
+    target = {"shard_dir": shard, "shard_file": _shard_file(cfg),
+              "alignment_dir": next((cfg.run_dir / "alignment").iterdir())}[deleted]
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    path = write_cfg(cfg, cfg.run_dir.parent.parent / "cfg.yaml")
+    capsys.readouterr()
+    assert main(["verify", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "MISSING" in err and str(target) in err, err
+    status = run_all(cfg, progress=False)
+    out = capsys.readouterr().out
+    owner = "align" if deleted == "alignment_dir" else "extract"
+    assert status[owner] == "ran" and "deleted" in out, out
+    assert status["extract" if owner == "align" else "train"] == "skipped", out
+    if owner == "extract":  # extracted again, byte-identical
+        assert {p.name: p.read_bytes() for p in shard.iterdir() if p.is_file() and p.name != "digests.json"} == good
+    assert main(["verify", "--config", str(path)]) == 0
+    assert set(run_all(cfg, progress=False).values()) == {"skipped"}
+
+
 def test_a_stage_run_alone_names_the_corrupt_file_and_what_to_rerun(run_copy, capsys):
     from crossdict.cli import main
 
@@ -331,6 +361,22 @@ def test_a_real_full_disk_names_the_file_and_keeps_the_old_one(tiny_fs):
     with pytest.raises(OSError, match=r"disk full while writing .*sae_weights\.safetensors"):
         save_sae(sae, tiny_fs / "sae")
     assert not list(tiny_fs.rglob(".*.tmp"))
+
+
+def test_a_real_full_disk_during_a_large_array_write_says_disk_full(tiny_fs):
+    """numpy fallocates an array of >= 16 MiB before writing it: on a full disk that fails with "Not enough free space
+    to write ... bytes after offset 128" (an OSError with no errno), not the short write of smaller arrays. Every cache
+    shard and layer-sweep file of a real run is that large (issue 15: a 30 MiB tmpfs run said "[Errno None] cannot
+    write .../layer_sweep/a.npy")."""
+    from crossdict.utils import atomic_save_npy, load_npy
+
+    small = np.arange(1000, dtype=np.float32)
+    atomic_save_npy(tiny_fs / "a.npy", small)
+    with pytest.raises(OSError, match=r"disk full while writing .*a\.npy") as e:
+        atomic_save_npy(tiny_fs / "a.npy", np.zeros((4, 1 << 20), np.float32))  # 16 MiB
+    assert "Not enough free space" in str(e.value)  # numpy's own words stay, in parentheses
+    np.testing.assert_array_equal(load_npy(tiny_fs / "a.npy"), small)  # the old file, intact and verified
+    assert not list(tiny_fs.glob(".*.tmp"))
 
 
 def test_other_write_errors_name_the_file(tmp_path):

@@ -113,6 +113,24 @@ def test_config_change_reruns_exactly_the_stages_it_reaches(finished_run, tiny_m
     assert "outputs missing" in capsys.readouterr().out
 
 
+def test_transfer_with_no_significant_match_names_the_null_resolution(finished_run):
+    """Issue 15: `crossdict run`'s transfer stage (not select_pairs alone) names the shuffle null's resolution when it
+    is why no pair passes. run_transfer keeps only the significant pairs for their support, so the hint saw no tested
+    pair and a tiny run stopped with a bare "no significant feature matches"."""
+    import dataclasses
+
+    from crossdict.interventions import TransferError, run_transfer
+
+    cfg, _ = finished_run
+    # n_match_null 99: p >= 1/100, so BH q >= 0.01 for every pair: none can reach q < 1e-4, whatever the data
+    strict = dataclasses.replace(cfg, align=dataclasses.replace(cfg.align, q_threshold=1e-4))
+    with pytest.raises(TransferError) as err:
+        run_transfer(strict, progress=False)
+    msg = str(err.value)
+    assert "no significant feature matches" in msg and "The shuffle null's resolution is the cause" in msg, msg
+    assert "align.n_match_null=99" in msg and "1/100" in msg, msg
+
+
 def _under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 

@@ -169,9 +169,12 @@ def _verify(cfg: RunConfig, record_missing: bool) -> int:
     missing = [s for s in statuses if s.status.startswith("missing")]
     unrecorded = [s for s in statuses if s.status == "no digest recorded"]
     bad = [s for s in statuses if s not in ok and s not in missing and s not in unrecorded]
+    missing += _deleted_since_finished(cfg, {s.path for s in missing})
     size = sum(s.path.stat().st_size for s in ok + bad if s.path.is_file())
     for s in bad:
         print(f"BAD  {s.path}: {s.status}; {integrity.owner_hint(s.path)}", file=sys.stderr)
+    for s in missing:
+        print(f"MISSING  {s.path}: {s.status}; rerun `crossdict run` (the stage that wrote it runs again)", file=sys.stderr)
     for s in unrecorded[:10]:
         print(f"no digest recorded: {s.path}")
     if len(unrecorded) > 10:
@@ -185,7 +188,27 @@ def _verify(cfg: RunConfig, record_missing: bool) -> int:
               "`crossdict verify --record-missing` records them as they are now)")
     print(f"[crossdict] verify {cfg.run_dir}: {len(ok)} files ok, {len(bad)} bad, {len(unrecorded)} with no digest "
           f"recorded, {len(missing)} recorded but deleted; hashed {size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
-    return 1 if bad else 0
+    return 1 if bad or missing else 0
+
+
+def _deleted_since_finished(cfg: RunConfig, known: set) -> list:
+    """Files a finished stage's record lists (`stages/<stage>.json` `files`) that are gone, e.g. with their whole
+    directory (a shard's `digests.json` goes with it, so the scan cannot see them)."""
+    import json
+
+    from .integrity import DIGEST_FILE, FileStatus
+
+    out = []
+    for rec in sorted((cfg.run_dir / "stages").glob("*.json")):
+        if rec.name == DIGEST_FILE:
+            continue
+        try:
+            files = json.loads(rec.read_text()).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            continue  # a damaged record is the scan's to report
+        out += [FileStatus(cfg.run_dir / f, f"missing (stage {rec.stem} wrote it; deleted since)") for f in files
+                if not (cfg.run_dir / f).is_file() and cfg.run_dir / f not in known]
+    return out
 
 
 def _lock(cfg: RunConfig, command: str, writes: bool = False):

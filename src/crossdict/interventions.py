@@ -1014,7 +1014,7 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
     if not pairs_ab:
         raise TransferError(f"layer {layer_a} of model A is not configured (model_a.layers: {cfg.model_a.layers}); its "
                             "SAE and alignment do not exist")
-    matches = load_matches(cfg.report_dir / "feature_matches.csv")
+    matches = loaded_matches = load_matches(cfg.report_dir / "feature_matches.csv")
     cache = ActivationCache(cfg.cache_dir)
     loaded = {(la, lb): (_load_side_files(cfg, "a", la), _load_side_files(cfg, "b", lb), _load_maps(cfg, la, lb))
               for la, lb in pairs_ab}  # every input checked before any model runs
@@ -1024,7 +1024,9 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         matches = [m for m in matches if (m.layer_a, m.layer_b) != (la, lb)] + here
         cand = lambda f, sa=sae_a, sb=sae_b, m=maps: nearest_candidates(raw_decoder(sa), raw_decoder(sb),  # noqa: E731
                                                                         m["procrustes"].weight, f)
-        plan[(la, lb)] = select_pairs(cfg, la, lb, matches, feature_idx, sae_a.d_sae, cand)
+        # with_support kept only the significant pairs; the rest of the tested ones feed select_pairs' null-resolution hint
+        unsig = [m for m in loaded_matches if (m.layer_a, m.layer_b) == (la, lb) and not m.q_value < cfg.align.q_threshold]
+        plan[(la, lb)] = select_pairs(cfg, la, lb, matches + unsig, feature_idx, sae_a.d_sae, cand)
 
     if backends is None:
         from .extract import load_backends

@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig, dump_config
-from .integrity import bad_files
+from .integrity import FileStatus, bad_files, scan
 from .utils import atomic_write_json, atomic_write_text, read_json, remove_file
 
 
@@ -270,16 +270,35 @@ def owned_dirs(cfg: RunConfig, name: str) -> list[Path]:
             "align": [cfg.run_dir / "alignment"], "crosscoder": [cfg.run_dir / "crosscoder"]}.get(name, [])
 
 
-def damaged(cfg: RunConfig, name: str) -> str | None:
-    """None if every file stage `name` owns matches its recorded digest, else why it must run again.
+def owned_files(cfg: RunConfig, name: str) -> list[str]:
+    """Every file stage `name` owns now, relative to the run dir: its record lists them, so that a file deleted
+    later, or a whole deleted directory (a shard, with its `digests.json`), reruns the stage."""
+    return sorted(str(s.path.relative_to(cfg.run_dir)) for s in scan(owned_dirs(cfg, name))
+                  if not s.status.startswith("missing"))
 
-    The stage then rewrites exactly those files: extraction redoes a damaged shard (`cache.shard_is_done`),
+
+def deleted_files(cfg: RunConfig, name: str, record: dict | None) -> list[FileStatus]:
+    """Files stage `name` owned when it finished (its record's `files`) that are gone now; for a record made
+    before it listed them, the files a surviving `digests.json` names that are gone."""
+    if record is not None and "files" in record:
+        return [FileStatus(cfg.run_dir / f, "missing (deleted since the stage finished)")
+                for f in record["files"] if not (cfg.run_dir / f).is_file()]
+    return [s for s in scan(owned_dirs(cfg, name)) if s.status.startswith("missing")]
+
+
+def damaged(cfg: RunConfig, name: str, record: dict | None = None) -> str | None:
+    """None if every file stage `name` owns matches its recorded digest and none of them was deleted, else why it
+    must run again.
+
+    The stage then rewrites exactly those files: extraction redoes a damaged or deleted shard (`cache.shard_is_done`),
     training retrains a damaged SAE (`sae.is_complete`), align and crosscode rewrite all they own."""
-    bad = bad_files(owned_dirs(cfg, name))
-    if not bad:
-        return None
-    shown = "; ".join(f"{s.path.relative_to(cfg.run_dir)} {s.status}" for s in bad[:3])
-    return f"{len(bad)} corrupt file{'s' if len(bad) > 1 else ''}: {shown}{'; ...' if len(bad) > 3 else ''}"
+    parts = []
+    for what, found, status in (("corrupt", bad_files(owned_dirs(cfg, name)), True),
+                                ("deleted", deleted_files(cfg, name, record), False)):
+        if found:
+            shown = "; ".join(f"{s.path.relative_to(cfg.run_dir)}" + (f" {s.status}" if status else "") for s in found[:3])
+            parts.append(f"{len(found)} {what} file{'s' if len(found) > 1 else ''}: {shown}{'; ...' if len(found) > 3 else ''}")
+    return "; ".join(parts) or None
 
 
 def why_stale(record: dict | None, inputs: dict, outputs_digest: str | None) -> str | None:
@@ -321,7 +340,7 @@ def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
         path = _record_path(cfg, stage.name)
         record = read_json(path, "stage record") if path.is_file() else None
         legacy = record is not None and record.get("digest_version", 1) < DIGEST_VERSION
-        reason = damaged(cfg, stage.name) or why_stale(record, inputs, files_digest(stage.outputs(cfg), raw=legacy))
+        reason = damaged(cfg, stage.name, record) or why_stale(record, inputs, files_digest(stage.outputs(cfg), raw=legacy))
         if reason is None:
             print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: up to date, skipped")
             digests[stage.name] = record["outputs"]
@@ -336,7 +355,8 @@ def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
             missing = [str(p) for p in stage.outputs(cfg) if not p.is_file()]
             raise RuntimeError(f"stage {stage.name} finished without writing {missing}")
         atomic_write_json(path, {"inputs": inputs, "outputs": digests[stage.name], "digest_version": DIGEST_VERSION,
-                                 "seconds": round(time.perf_counter() - ts, 1), "crossdict": __version__})
+                                 "seconds": round(time.perf_counter() - ts, 1), "crossdict": __version__,
+                                 "files": owned_files(cfg, stage.name)})
         status[stage.name] = "ran"
     _summary(cfg)
     print(f"[crossdict] run finished in {time.perf_counter() - t0:.0f} s")

@@ -32,13 +32,14 @@ _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno
 
 
 def _is_disk_full(e: BaseException) -> bool:
-    """ENOSPC/EDQUOT/EFBIG, numpy's short write ("429440 requested and 190432 written", errno None) or
-    safetensors' Rust IoError ("No space left on device", "StorageFull")."""
+    """ENOSPC/EDQUOT/EFBIG, numpy's short write ("429440 requested and 190432 written", errno None), numpy's
+    failed fallocate of an array >= 16 MiB ("Not enough free space to write ... bytes after offset ...", errno None)
+    or safetensors' Rust IoError ("No space left on device", "StorageFull")."""
     if isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS:
         return True
     msg = str(e)
     return (" requested and " in msg and " written" in msg) or "No space left" in msg or "StorageFull" in msg \
-        or "Disk quota exceeded" in msg
+        or "Disk quota exceeded" in msg or "Not enough free space" in msg
 
 
 def _write_error(e: BaseException, path: Path) -> OSError | None:
