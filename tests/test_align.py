@@ -271,12 +271,19 @@ def test_run_align_end_to_end(toy_run, caplog, capsys):
     assert not list(rep.glob(".*.tmp"))
 
 
-def test_workers_do_not_change_the_report(tmp_path):
+def test_workers_do_not_change_the_report(tmp_path, monkeypatch):
     """align.workers = 2 (spawned processes, one task per layer-pair part) writes the same bytes as
     workers = 1: every task draws from its own stream. Layer A1 sits in both pairs: its seed-ceiling
-    rows are written once, from the first pair."""
+    rows are written once, from the first pair. Both runs use 1 BLAS thread per process (workers = 1 runs in
+    a spawned process started with 1 thread; each of 2 workers gets cores // 2, patched to 1): the summation
+    order of a matmul follows the thread count, and exact ties among retrieval scores break by rounding."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from crossdict import workers as workers_mod
     from crossdict.sae import SAE, SAESpec, save_sae
 
+    monkeypatch.setattr(workers_mod, "cores", lambda: 2)
     out = {}
     for workers in (1, 2):
         cfg = _config(tmp_path / f"w{workers}", workers=workers, n_bootstrap=8, n_null=8, n_match_null=30)
@@ -286,7 +293,11 @@ def test_workers_do_not_change_the_report(tmp_path):
             for seed in (0, 1):
                 torch.manual_seed(100 * layer + seed)
                 save_sae(SAE(SAESpec("topk", d, 48, k=6)), cfg.sae_dir(key, layer, seed))
-        run_align(cfg, layers_a=[1, 1], layers_b=[2, 4], progress=False)
+        if workers == 1:
+            with workers_mod.thread_env(1), ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+                pool.submit(run_align, cfg, layers_a=[1, 1], layers_b=[2, 4], progress=False).result()
+        else:
+            run_align(cfg, layers_a=[1, 1], layers_b=[2, 4], progress=False)
         out[workers] = {f: (cfg.report_dir / f).read_bytes() for f in
                         ("metrics.csv", "alignment.csv", "feature_matches.csv", "feature_matches_seed.csv", "layer_cka.csv")}
     for f in out[1]:
