@@ -404,3 +404,40 @@ def test_transfer_without_z_maps_stitches_and_splices_the_saved_maps_only(finish
         with pytest.raises(ConfigError, match=why):
             config_from_dict({**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "transfer"},
                               "transfer": {"maps": bad}})
+
+
+def test_pairs_beyond_n_control_features_get_no_controls_but_enter_the_paired_test(finished_run, tmp_path):
+    """transfer.n_control_features = 1 of n_features = 2: the first pair per layer pair keeps its controls, with the
+    numbers the full run gave it (first layer pair: later ones draw from a stream the full run advanced further);
+    the second has one row per direction (control 'none', no p-value) and still counts
+    in the paired Wilcoxon, whose n_pairs is the number of pairs, not of controlled ones."""
+    import dataclasses
+
+    from crossdict.interventions import run_transfer
+
+    cfg, _ = finished_run
+    full = list(csv.DictReader((cfg.report_dir / "transfer.csv").open()))
+    shutil.copytree(cfg.run_dir, tmp_path / "runs" / cfg.run_name)
+    run = dataclasses.replace(cfg, output_dir=str(tmp_path / "runs"))
+    run = dataclasses.replace(run, transfer=dataclasses.replace(run.transfer, n_control_features=1))
+    out = run_transfer(run, progress=False)
+    rows = out["transfer"]
+    for la, lb in cfg.layer_pairs:
+        here = [r for r in rows if (r["layer_a"], r["layer_b"]) == (la, lb) and r["direction"] != "a_self"]
+        first, second = sorted({r["feat_a"] for r in here}, key=[r["feat_a"] for r in here].index)
+        ctrl = [r for r in here if r["feat_a"] == first]
+        assert {r["control"] for r in ctrl} == {"specificity", "on_manifold", "isotropic"}
+        assert all(1 / 9 - 1e-6 <= r["p_value"] <= 1 for r in ctrl)
+        old = {(r["direction"], r["control"]): r for r in full if (int(r["layer_a"]), int(r["feat_a"])) == (la, first)}
+        for r in ctrl if (la, lb) == cfg.layer_pairs[0] else []:  # its controls are drawn as in the full run
+            assert r["p_value"] == pytest.approx(float(old[(r["direction"], r["control"])]["p_value"]), abs=1e-5)
+        bare = [r for r in here if r["feat_a"] == second]
+        assert sorted(r["direction"] for r in bare) == ["b_mapped", "b_matched", "b_unmatched"]
+        assert all(r["control"] == "none" and "p_value" not in r and r["kl"] >= 0 for r in bare)
+        old2 = {r["direction"]: r for r in full if (int(r["layer_a"]), int(r["feat_a"])) == (la, second)}
+        for r in bare:  # effect and agreement need no control: the same as with controls
+            assert r["agreement"] == pytest.approx(float(old2[r["direction"]]["agreement"]), abs=1e-5)
+    paired = [r for r in out["paired"]]
+    assert paired and all(r["n_pairs"] == 2 for r in paired)
+    written = list(csv.DictReader((run.report_dir / "transfer.csv").open()))
+    assert sum(r["control"] == "none" and r["direction"] != "a_self" for r in written) == 3 * len(cfg.layer_pairs)

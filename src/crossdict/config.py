@@ -187,6 +187,11 @@ class TransferConfig:
     n_random_controls: int = 199
     """Controls per null kind (specificity, on-manifold, isotropic), feature and alpha, all of the candidate's norm;
     the smallest permutation p is 1/(n + 1) (0.005 at 199)."""
+    n_control_features: Optional[int] = None
+    """Controls are drawn for the first this many of the `n_features` pairs per layer pair (None: all). The others
+    still get each direction's agreement, KL and |Δ log p| and enter the paired tests (transfer_paired.csv), which
+    need no controls: their power comes from the number of pairs (Wilcoxon over n pairs: smallest two-sided p
+    2/2^n), the controls' from n_random_controls. A budget knob for the demo."""
     min_freq: float = 0.001
     """Only pairs whose features both fire on at least this fraction of train tokens are injected: a
     correlation resting on a handful of tokens ranks high but says little about the direction."""
@@ -341,6 +346,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "min_support_passages": (lambda v: v >= 1, "an integer >= 1"),
     "alphas": (lambda v: len(v) >= 1 and all(math.isfinite(a) for a in v), "a non-empty list of finite numbers"),
     "n_features": (lambda v: v >= 1, "an integer >= 1"),
+    "n_control_features": (lambda v: v is None or v >= 0, "null or an integer >= 0"),
     "n_passages": (lambda v: v >= 1, "an integer >= 1"),
     "min_freq": (lambda v: 0.0 <= v < 1.0, "a fraction in [0, 1)"),
     "top_strings": (lambda v: v >= 1, "an integer >= 1"),

@@ -696,6 +696,10 @@ def injection_rows(pair: MatchedPair, a: Side, b: Side, linear: np.ndarray, s_a:
                              "abs_dlogp": eff.abs_dlogp, "agreement": rho, "top_overlap": overlap,
                              **control_stats(rho, c), "family": f"inject {kind} vs {k} alpha={alpha:g}",
                              "top_a": "|".join(top_a[:8]), "top_b": "|".join(top_b[:8])})
+            if not ctrl_agree:  # a pair without controls (transfer.n_control_features): effect and agreement only
+                rows.append({**base, "direction": kind, "control": "none", "kl": eff.kl, "abs_dlogp": eff.abs_dlogp,
+                             "agreement": rho, "top_overlap": overlap, "top_a": "|".join(top_a[:8]),
+                             "top_b": "|".join(top_b[:8])})
             if alpha == max(alphas):
                 example[f"promoted_{kind}"] = top_b
         if alpha == max(alphas):
@@ -1061,11 +1065,13 @@ def run_transfer(cfg: RunConfig, backends: dict[str, Backend] | None = None, lay
         matched_b = {m.feat_b for m in matches if m.layer_a == la and m.layer_b == lb}
         pool = np.array([f for f in alive_b if f not in matched_b] or list(alive_b))
         todo = plan[(la, lb)]
-        for pr in tqdm(todo, desc=f"inject A{la}->B{lb}", disable=not progress):
+        n_ctrl = len(todo) if tcfg.n_control_features is None or feature_idx is not None else tcfg.n_control_features
+        for i, pr in enumerate(tqdm(todo, desc=f"inject A{la}->B{lb}", disable=not progress)):
             unmatched = int(rng.choice(pool))
             rows, ex = injection_rows(pr, a, b, maps[tcfg.direction_map].weight, float(s_a[pr.feat_a]), float(s_b[pr.feat_b]),
                                       alphas, vocab, unmatched, float(s_b[unmatched]), tcfg.n_random_controls,
-                                      tcfg.top_strings, gen, freq_a=freq_a, cov_root=cov_root)
+                                      tcfg.top_strings, gen, freq_a=freq_a, cov_root=cov_root,
+                                      kinds=CONTROL_KINDS if i < n_ctrl else ())
             transfer += rows
             examples.append(ex)
         if feature_idx is not None:
