@@ -189,6 +189,22 @@ def test_report_flags_layer_pairs_whose_saes_are_not_seed_stable():
     assert "not measured" in items[2]
 
 
+def test_report_marks_stable_saes_that_leave_more_than_a_fifth_of_the_variance_as_partial():
+    """Issue 19: where the seed-stable recipe cannot also reach FVU <= 0.2 (the demo's A22 and B13), the report says
+    that pair's feature-level results describe only what the SAEs reconstruct."""
+    from crossdict.report import _stability_note
+
+    cfg = RunConfig(ModelConfig("m-a", [1, 2]), ModelConfig("m-b", [4, 5]), run_name="r")
+    rows = [{"model": "m-a", "layer": "1", "seed_shared_dec": "0.55", "fvu": "0.15"},
+            {"model": "m-b", "layer": "4", "seed_shared_dec": "0.41", "fvu": "0.19"},
+            {"model": "m-a", "layer": "2", "seed_shared_dec": "0.46", "fvu": "0.238"},
+            {"model": "m-a", "layer": "2", "seed_shared_dec": "0.46", "fvu": "0.199"},
+            {"model": "m-b", "layer": "5", "seed_shared_dec": "0.51", "fvu": "0.12"}]
+    items = _stability_note(cfg, rows).split("<li")[1:]
+    assert "FVU ≤ 0.2" in items[0] and "partial" not in items[0]
+    assert "but partial" in items[1] and "A 0.238" in items[1] and "B " not in items[1].split("FVU")[1]
+
+
 def test_run_train_applies_per_layer_overrides(tmp_path):
     x, _ = planted(2000, d=16, n_feat=32, active=3, seed=10)
     run_dir = tmp_path / "runs" / "pl"

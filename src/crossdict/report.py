@@ -16,6 +16,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -503,17 +504,17 @@ def _error_note(sae_rows: list[dict]) -> str:
 
 def _stability_note(cfg: RunConfig, sae_rows: list[dict]) -> str:
     """One line per layer pair: are both models' SAEs seed-stable enough for feature-level results to mean anything?"""
-    from .stability import STABLE_SHARE
+    from .stability import MAX_FVU, STABLE_SHARE
 
-    def shared(key: str, layer: int) -> float:
+    def worst(column: str, key: str, layer: int, pick: Callable[[list[float]], float]) -> float:
         name = cfg.model(key).name
-        vals = [_num(r.get("seed_shared_dec")) for r in sae_rows if r.get("model") == name and str(r.get("layer")) == str(layer)]
+        vals = [_num(r.get(column)) for r in sae_rows if r.get("model") == name and str(r.get("layer")) == str(layer)]
         vals = [v for v in vals if not math.isnan(v)]
-        return min(vals) if vals else float("nan")
+        return pick(vals) if vals else float("nan")
 
     items = []
     for la, lb in cfg.layer_pairs:
-        sa, sb = shared("a", la), shared("b", lb)
+        sa, sb = worst("seed_shared_dec", "a", la, min), worst("seed_shared_dec", "b", lb, min)
         tag = f"A{la} ↔ B{lb} (seed-shared A {_f(sa, 2)}, B {_f(sb, 2)})"
         if math.isnan(sa) or math.isnan(sb):
             items.append(f"<li>{tag}: seed stability not measured (one SAE seed): feature-level results have no ceiling.</li>")
@@ -522,7 +523,14 @@ def _stability_note(cfg: RunConfig, sae_rows: list[dict]) -> str:
                          "feature-level results of this pair (matches, transfer) are not interpretable; the "
                          "representation-level metrics (CKA, Procrustes, ...) do not use the SAEs and still are.</li>")
         else:
-            items.append(f"<li>{tag}: stable (shared ≥ {STABLE_SHARE:.0%}).</li>")
+            fa, fb = worst("fvu", "a", la, max), worst("fvu", "b", lb, max)
+            partial = [f"{k} {_f(v, 3)}" for k, v in (("A", fa), ("B", fb)) if v > MAX_FVU]
+            if partial:
+                items.append(f"<li class=warn>{tag}: stable (shared ≥ {STABLE_SHARE:.0%}), <b>but partial</b>: held-out "
+                             f"FVU {', '.join(partial)} &gt; {MAX_FVU:g}, so its features describe only the part of the "
+                             "residual stream the SAE reconstructs; read its matches and transfers as such.</li>")
+            else:
+                items.append(f"<li>{tag}: stable (shared ≥ {STABLE_SHARE:.0%}), FVU ≤ {MAX_FVU:g}.</li>")
     return "<p><b>Seed stability per layer pair</b></p><ul>" + "".join(items) + "</ul>"
 
 

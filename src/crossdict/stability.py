@@ -31,6 +31,9 @@ SHARE_THRESHOLD = 0.7
 """Matched cosine above which two latents count as the same feature (Paulo & Belrose 2025)."""
 STABLE_SHARE = 0.3
 """Shared fraction below which an SAE pair is flagged unstable (the 131k-latent Llama-3-8B figure of Paulo & Belrose)."""
+MAX_FVU = 0.2
+"""Held-out FVU above which a seed-stable SAE is flagged as partial: its features describe the part of the residual
+stream it reconstructs, and matches or transfers say nothing about the rest (issue 19's target corner)."""
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 HIST_BINS = np.linspace(-1.0, 1.0, 41)
 """Histogram edges for the distribution of matched cosines (width 0.05)."""
