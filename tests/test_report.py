@@ -144,3 +144,26 @@ def test_metrics_csv_carries_the_bh_q_of_the_floor_test_and_the_report_reads_it(
     assert out[("resid", "svcca")]["q_diff_floor"] == pytest.approx(0.0196 * 6 / 4)  # copied to its headline row
     stored = [{**r, "q_diff_floor": 0.5} for r in rows[:6]]  # the report uses the stored q, not its own
     assert headline_rows(stored)[("1", "2", "svcca")]["q_diff_floor"] == 0.5 and not beats_floor(stored[1])
+
+
+def test_transfer_section_calls_a_null_test_weak_below_16_controlled_pairs_or_above_a_p_floor_of_0005():
+    """Issue 13: the demo's budget (one controlled pair per layer pair, 39 controls) is said to be weak in the report,
+    the defaults' (16 pairs, 199 controls) is not; pairs without controls (control 'none') do not count."""
+    from crossdict.report import _weak_null_note
+
+    def rows(n_pairs: int, n_controls: int, bare: int = 0) -> list[dict]:
+        out = []
+        for la, lb in (("8", "5"), ("15", "9")):
+            for f in range(n_pairs + bare):
+                ctrl = ("specificity", "isotropic") if f < n_pairs else ("none",)
+                for c in ctrl:
+                    out.append({"layer_a": la, "layer_b": lb, "feat_a": str(f), "feat_b": str(f + 100), "alpha": "2",
+                                "direction": "b_mapped", "control": c, "n_controls": "" if c == "none" else str(n_controls)})
+        return out
+
+    weak = _weak_null_note(rows(1, 39, bare=7), 2.0)
+    assert "Weak null test" in weak and "1 controlled" in weak and "0.025" in weak
+    assert "Weak null test" in _weak_null_note(rows(16, 39), 2.0)
+    assert "Weak null test" in _weak_null_note(rows(8, 199, bare=8), 2.0)  # bare pairs are not controlled pairs
+    assert _weak_null_note(rows(16, 199), 2.0) == ""
+    assert _weak_null_note(rows(0, 199, bare=4), 2.0) == ""  # nothing controlled: no share to qualify

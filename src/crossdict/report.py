@@ -616,6 +616,31 @@ def _crosscoder_section(cfg: RunConfig) -> str:
             + _table(head, table, "num") + "</section>")
 
 
+WEAK_PAIRS, WEAK_P_FLOOR = 16, 0.005
+"""Below this many controlled pairs per layer pair, or above this p floor, the report calls the null test weak (the
+defaults of TransferConfig, issue 13)."""
+
+
+def _weak_null_note(transfer: list[dict], alpha: float) -> str:
+    """A warning line when the controlled pairs are too few, or the controls too few, for the shares above to mean much."""
+    ctrl = [r for r in transfer if _num(r["alpha"]) == alpha and r.get("control") not in (None, "", "none")
+            and r["direction"] != "a_self"]
+    if not ctrl:
+        return ""
+    per_pair = {}
+    for r in ctrl:
+        per_pair.setdefault((r["layer_a"], r["layer_b"]), set()).add((r["feat_a"], r["feat_b"]))
+    n_pairs = min(len(v) for v in per_pair.values())
+    floor = max(1 / (_num(r.get("n_controls")) + 1) for r in ctrl)
+    if n_pairs >= WEAK_PAIRS and floor <= WEAK_P_FLOOR:
+        return ""
+    return (f"<p class=warn><b>Weak null test.</b> {n_pairs} controlled matched pair(s) per layer pair, p floor "
+            f"{floor:.3g}: the shares above are anecdotes, not estimates, and a pair at the floor can fall short of "
+            f"BH q &lt; 0.05 however well it agrees. A claim needs ≥ {WEAK_PAIRS} pairs and a p floor ≤ {WEAK_P_FLOOR} "
+            "(the defaults: transfer.n_features 16, n_random_controls 199); the paired comparisons below do not use the "
+            "controls and rest on every tested pair.</p>")
+
+
 def _transfer_section(transfer: list[dict], stitching: list[dict], patching: list[dict], examples: list[dict],
                       q: float, paired: list[dict] | None = None, sae_transfer: list[dict] | None = None) -> str:
     import matplotlib
@@ -656,6 +681,7 @@ def _transfer_section(transfer: list[dict], stitching: list[dict], patching: lis
             out += (f"<p>Share of matched pairs beating each null at α = {alpha:g} (BH q &lt; {q}):</p>"
                     + _table(["layers", "direction", "null", "pairs beating it", "p floor", "median agreement",
                               "median KL", "median |Δ log p|"], trows, "num"))
+            out += _weak_null_note(transfer, alpha)
         prow = [[f"A{r['layer_a']}↔B{r['layer_b']}", f"{r['x']} vs {r['y']}", str(r["n_pairs"]), _f(r["median_diff"]),
                  _f(r["rank_biserial"]), _f(r["p_value"]), _f(r.get("q_value"))]
                 for r in (paired or []) if _num(r["alpha"]) == alpha]
