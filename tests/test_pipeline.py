@@ -441,3 +441,52 @@ def test_pairs_beyond_n_control_features_get_no_controls_but_enter_the_paired_te
     assert paired and all(r["n_pairs"] == 2 for r in paired)
     written = list(csv.DictReader((run.report_dir / "transfer.csv").open()))
     assert sum(r["control"] == "none" and r["direction"] != "a_self" for r in written) == 3 * len(cfg.layer_pairs)
+
+
+def test_sae_metrics_rewritten_with_new_train_seconds_leave_every_stage_current(finished_run, tmp_path, capsys):
+    """A retrained SAE that comes out byte-identical rewrites sae_metrics.csv with a new `wall_s`; that alone must
+    not rerun align and transfer (it did: ~6 min on the issue-15 run). A changed metric still reruns train. Records
+    of digest version 2 (raw bytes of sae_metrics.csv) stay current until their stage reruns."""
+    import dataclasses
+
+    from crossdict.pipeline import files_digest
+
+    cfg, _ = finished_run
+    shutil.copytree(cfg.run_dir, tmp_path / "runs" / cfg.run_name)
+    run = dataclasses.replace(cfg, output_dir=str(tmp_path / "runs"))
+    run_all(run, progress=False)  # current for this config (earlier tests in this module rerun stages with others)
+    path = run.report_dir / "sae_metrics.csv"
+    rows = list(csv.DictReader(path.open()))
+    cols = list(rows[0])
+    assert "wall_s" in cols
+
+    def write(rows: list[dict]) -> None:
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, cols)
+            w.writeheader()
+            w.writerows(rows)
+
+    write([{**r, "wall_s": str(float(r["wall_s"] or 0) + 4.15)} for r in rows])
+    capsys.readouterr()
+    assert set(run_all(run, progress=False).values()) == {"skipped"}, capsys.readouterr().out
+
+    from crossdict.pipeline import _train_outputs
+    from crossdict.utils import atomic_write_json
+
+    assert files_digest([path], 2) != files_digest([path], 3)  # version 2 hashed the raw bytes
+    rec_path = run.run_dir / "stages" / "train.json"
+    rec = json.loads(rec_path.read_text())
+    v2 = files_digest(_train_outputs(run), 2)
+    atomic_write_json(rec_path, {**rec, "digest_version": 2, "outputs": v2})
+    for other in (run.run_dir / "stages").glob("*.json"):  # as a version-2 run would have recorded them
+        r = json.loads(other.read_text())
+        if "train" in r.get("inputs", {}).get("upstream", {}):
+            r["inputs"]["upstream"]["train"] = v2
+            atomic_write_json(other, r)
+    status = run_all(run, progress=False)
+    assert set(status.values()) == {"skipped"}, (status, capsys.readouterr().out)
+
+    write([{**r, "fvu": "0.5"} if i == 0 else r for i, r in enumerate(rows)])
+    status = run_all(run, progress=False)
+    out = capsys.readouterr().out
+    assert status["train"] == "ran" and "train: running (outputs were modified" in out, out

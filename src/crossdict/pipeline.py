@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import platform
@@ -213,19 +214,25 @@ REPORT_VERSION = 2
 # --- records ------------------------------------------------------------------------------------
 
 
-def files_digest(paths: list[Path], raw: bool = False) -> str | None:
+def files_digest(paths: list[Path], version: int | None = None) -> str | None:
     """sha256 over the files' bytes; None if any is missing (the stage must run).
 
-    A cache `manifest.json` counts by its data-defining fields (`cache.manifest_identity`), so a
-    manifest re-written with new timings leaves its stage current; `raw` hashes every byte (records
-    written before DIGEST_VERSION 2 hold that digest)."""
+    Files whose bytes hold timings count by what they say about the data, so re-writing them with new timings
+    leaves their stage current: a cache `manifest.json` by its data-defining fields (`cache.manifest_identity`,
+    from digest version 2), `sae_metrics.csv` without its `wall_s` column (from version 3: a retrained SAE that
+    comes out byte-identical no longer reruns align and transfer). `version`: the digest version of the record
+    compared against (records of older versions hold the digest their version computed)."""
+    version = DIGEST_VERSION if version is None else version
     h = hashlib.sha256()
     for p in paths:
         if not p.is_file():
             return None
         h.update(str(p.name).encode())
-        if p.name == "manifest.json" and not raw:
+        if p.name == "manifest.json" and version >= 2:
             h.update(_manifest_bytes(p))
+            continue
+        if p.name == "sae_metrics.csv" and version >= 3:
+            h.update(_csv_without(p, TIMING_COLUMNS))
             continue
         with p.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -233,8 +240,23 @@ def files_digest(paths: list[Path], raw: bool = False) -> str | None:
     return h.hexdigest()[:20]
 
 
-DIGEST_VERSION = 2
-"""2: cache manifests hashed by their data-defining fields (issue 15). Records without it hold raw digests."""
+DIGEST_VERSION = 3
+"""2: cache manifests hashed by their data-defining fields (issue 15). 3: sae_metrics.csv without its timing
+column. Records of older versions hold the digests their version computed."""
+TIMING_COLUMNS = ("wall_s",)
+
+
+def _csv_without(p: Path, columns: tuple[str, ...]) -> bytes:
+    """The CSV's rows with `columns` left out, as bytes (its raw bytes if it is not a CSV with a header)."""
+    raw = p.read_bytes()
+    try:
+        rows = list(csv.reader(io.StringIO(raw.decode())))
+    except (UnicodeDecodeError, csv.Error):
+        return raw
+    if not rows:
+        return raw
+    keep = [i for i, c in enumerate(rows[0]) if c not in columns]
+    return json.dumps([[r[i] if i < len(r) else None for i in keep] for r in rows]).encode()
 
 
 def _manifest_bytes(p: Path) -> bytes:
@@ -339,8 +361,8 @@ def run_all(cfg: RunConfig, progress: bool = True, only: list[str] | None = None
         inputs = {"config": stage.config(cfg), "upstream": {u: digests[u] for u in stage.upstream}}
         path = _record_path(cfg, stage.name)
         record = read_json(path, "stage record") if path.is_file() else None
-        legacy = record is not None and record.get("digest_version", 1) < DIGEST_VERSION
-        reason = damaged(cfg, stage.name, record) or why_stale(record, inputs, files_digest(stage.outputs(cfg), raw=legacy))
+        version = DIGEST_VERSION if record is None else min(int(record.get("digest_version", 1)), DIGEST_VERSION)
+        reason = damaged(cfg, stage.name, record) or why_stale(record, inputs, files_digest(stage.outputs(cfg), version))
         if reason is None:
             print(f"[crossdict] stage {i}/{len(pipeline)} {stage.name}: up to date, skipped")
             digests[stage.name] = record["outputs"]
