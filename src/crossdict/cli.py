@@ -192,22 +192,23 @@ def _verify(cfg: RunConfig, record_missing: bool) -> int:
 
 
 def _deleted_since_finished(cfg: RunConfig, known: set) -> list:
-    """Files a finished stage's record lists (`stages/<stage>.json` `files`) that are gone, e.g. with their whole
-    directory (a shard's `digests.json` goes with it, so the scan cannot see them)."""
+    """Files a finished stage's record lists that are gone, e.g. with their whole directory (a shard's
+    `digests.json` goes with it, so the scan cannot see them)."""
     import json
 
-    from .integrity import DIGEST_FILE, FileStatus
+    from .integrity import DIGEST_FILE
+    from .pipeline import deleted_files
 
     out = []
     for rec in sorted((cfg.run_dir / "stages").glob("*.json")):
         if rec.name == DIGEST_FILE:
             continue
         try:
-            files = json.loads(rec.read_text()).get("files", [])
-        except (OSError, ValueError, AttributeError):
+            record = json.loads(rec.read_text())
+        except (OSError, ValueError):
             continue  # a damaged record is the scan's to report
-        out += [FileStatus(cfg.run_dir / f, f"missing (stage {rec.stem} wrote it; deleted since)") for f in files
-                if not (cfg.run_dir / f).is_file() and cfg.run_dir / f not in known]
+        if isinstance(record, dict) and "files" in record:
+            out += [s for s in deleted_files(cfg, rec.stem, record) if s.path not in known]
     return out
 
 

@@ -303,7 +303,7 @@ def deleted_files(cfg: RunConfig, name: str, record: dict | None) -> list[FileSt
     """Files stage `name` owned when it finished (its record's `files`) that are gone now; for a record made
     before it listed them, the files a surviving `digests.json` names that are gone."""
     if record is not None and "files" in record:
-        return [FileStatus(cfg.run_dir / f, "missing (deleted since the stage finished)")
+        return [FileStatus(cfg.run_dir / f, f"missing (stage {name} wrote it; deleted since)")
                 for f in record["files"] if not (cfg.run_dir / f).is_file()]
     return [s for s in scan(owned_dirs(cfg, name)) if s.status.startswith("missing")]
 
